@@ -1,0 +1,65 @@
+"""`coninfer` command line: a click group whose subcommands are imported only when used.
+
+Lazy imports keep `coninfer --help` fast (no torch import) and let each subcommand live in its own module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from coninfer.errors import ConInferError
+
+_SUBCOMMANDS = {
+    "segment": ("coninfer.cli.segment", "segment", "Segment a GeoTIFF/PNG/JPEG scene into a class map."),
+    "refine": ("coninfer.cli.refine", "refine", "Refine any model's prior with the ConInfer solver (.npz in/out)."),
+    "eval": ("coninfer.cli.eval", "eval_group", "Evaluate on the 17 benchmarks of the paper."),
+    "models": ("coninfer.cli.models", "models", "List, download and convert model presets."),
+    "data": ("coninfer.cli.data", "data", "Prepare benchmark datasets."),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _SUBCOMMANDS:
+            return None
+        module_name, attribute, _ = _SUBCOMMANDS[name]
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, _SUBCOMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ConInferError as error:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(error.exit_code)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="coninfer")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, debug: bool) -> None:
+    """coninfer: training-free open-vocabulary segmentation of aerial imagery (ConInfer)."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+
+
+def fail(message: str, hint: str | None = None) -> None:
+    """Raise the one-line CLI error for problems found while parsing options."""
+    raise ConInferError(message, hint=hint)

@@ -1,0 +1,245 @@
+"""The tile step: RGB tiles -> CLIP prior + VFM features on one patch grid -> solver -> per-tile label maps.
+
+This is the paper's evaluation path (:func:`infer_tiles`: the context is the batch of tiles given). Whole
+scenes, with scene-level context, an on-disk store and stitching, are in :mod:`coninfer.scene`.
+
+Patch grid: the VFM sees tiles at ``model_res`` (448), so its grid is ``G = model_res / vfm.patch_size``
+(28 for DINOv3 /16). CLIP sees the same tiles at ``G * clip.patch_size`` so both grids are G x G: 448 for a
+/16 CLIP, 896 for a /32 CLIP (RemoteCLIP B/32), 392 and 32x32... for other pairs. Patch ``(y, x)`` of tile ``b``
+has the flat index ``b * G * G + y * G + x`` everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from coninfer.errors import InputError
+from coninfer.postprocess import class_probabilities, labels_from_probabilities, patches_to_grid
+from coninfer.prompts import ClassList
+from coninfer.solver import SolverSettings, refine
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["coninfer", "baseline"]
+FeatureSource = Literal["vfm", "clip"]
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Every number the tile step uses; defaults are the paper's base config.
+
+    ``method="baseline"`` skips the solver (z = the CLIP prior softmax(prior_scale * logits), the MaskCLIP*
+    row of the paper). ``vfm_features="clip"`` takes the solver's features from CLIP's own dense tokens
+    (paper Table 4, "context from CLIP features"). ``prob_thd``: pixels whose top class probability is below
+    it get ``bg_idx`` (0 = off).
+    """
+
+    model_res: int = 448
+    method: Method = "coninfer"
+    temperature: float = 50.0
+    iterations: int = 10
+    prior_scale: float = 100.0
+    init_topk: int = 8
+    logit_scale: float = 5.0
+    prob_thd: float = 0.0
+    bg_idx: int = 0
+    vfm_features: FeatureSource = "vfm"
+
+    def __post_init__(self) -> None:
+        if self.model_res < 16 or self.model_res % 2:
+            raise InputError(f"model_res must be an even number >= 16, got {self.model_res}")
+        if self.method not in ("coninfer", "baseline"):
+            raise InputError(f"method must be 'coninfer' or 'baseline', got {self.method!r}")
+        if self.vfm_features not in ("vfm", "clip"):
+            raise InputError(f"vfm_features must be 'vfm' or 'clip', got {self.vfm_features!r}")
+        if not 0.0 <= self.prob_thd <= 1.0:
+            raise InputError(f"prob_thd must be in [0, 1], got {self.prob_thd}")
+        if self.logit_scale <= 0:
+            raise InputError(f"logit_scale must be > 0, got {self.logit_scale}")
+        # temperature, iterations, prior_scale and init_topk are checked by SolverSettings
+        self.solver_settings()
+
+    def solver_settings(self) -> SolverSettings:
+        return SolverSettings(self.temperature, self.iterations, self.prior_scale, self.init_topk)
+
+
+@dataclass
+class Models:
+    """Loaded encoders and the class queries they score, on one device and dtype.
+
+    ``query_embeddings`` (K, E) are L2-normalised text embeddings of ``classes.queries``. ``clip_normalization``
+    / ``vfm_normalization`` are (mean, std) on the 0-1 scale, taken from the models unless given.
+    """
+
+    clip: torch.nn.Module
+    vfm: torch.nn.Module | None
+    classes: ClassList
+    query_embeddings: torch.Tensor
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    clip_normalization: tuple[Sequence[float], Sequence[float]] | None = None
+    vfm_normalization: tuple[Sequence[float], Sequence[float]] | None = None
+
+    def __post_init__(self) -> None:
+        num_queries = len(self.classes.queries)
+        if self.query_embeddings.ndim != 2 or self.query_embeddings.shape[0] != num_queries:
+            raise InputError(
+                f"query_embeddings must be (K={num_queries}, E), got {tuple(self.query_embeddings.shape)}"
+            )
+        if self.clip_normalization is None:
+            self.clip_normalization = (self.clip.image_mean, self.clip.image_std)
+        if self.vfm is not None and self.vfm_normalization is None:
+            self.vfm_normalization = (self.vfm.image_mean, self.vfm.image_std)
+
+    def grid_size(self, model_res: int) -> int:
+        """Patch-grid side G for tiles resized to ``model_res`` (the VFM's grid; CLIP is sized to match)."""
+        patch = self.vfm.patch_size if self.vfm is not None else self.clip.patch_size
+        if model_res % patch:
+            raise InputError(
+                f"model resolution {model_res} is not a multiple of the VFM patch size {patch}",
+                hint=f"use a multiple of {patch}, e.g. {patch * max(1, round(model_res / patch))}",
+            )
+        return model_res // patch
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. An unavailable CUDA device is an error with a hint."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise InputError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but CUDA is not available", hint="use --device cpu")
+    return resolved
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> float16 on CUDA (the paper runs fp16), float32 on CPU; or fp32 / fp16 / bf16."""
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in table:
+        raise InputError(f"unknown precision {precision!r}", hint="use auto, fp32, fp16 or bf16")
+    if precision != "fp32" and device.type == "cpu":
+        raise InputError(f"{precision} is not supported on the CPU", hint="use --precision fp32 (or auto) on the CPU")
+    return table[precision]
+
+
+def as_tile_batch(images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> list[torch.Tensor]:
+    """Tiles as a list of (3, H, W) uint8 tensors; accepts (B, H, W, 3) / (B, 3, H, W) arrays or a list of
+    (H, W, 3) / (3, H, W) arrays (sizes may differ between tiles)."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        images = list(images)
+    tiles = []
+    for index, image in enumerate(images):
+        tensor = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+        if tensor.ndim != 3 or 3 not in (tensor.shape[0], tensor.shape[-1]):
+            raise InputError(f"tile {index} has shape {tuple(tensor.shape)}; expected (H, W, 3) or (3, H, W) RGB")
+        if tensor.shape[0] != 3:  # from (H, W, 3) -> (3, H, W)
+            tensor = tensor.permute(2, 0, 1)
+        if tensor.dtype != torch.uint8:
+            raise InputError(f"tile {index} has dtype {tensor.dtype}; expected uint8 RGB")
+        tiles.append(tensor)
+    if not tiles:
+        raise InputError("no tiles given")
+    return tiles
+
+
+def to_model_input(tiles: Sequence[torch.Tensor], size: int, normalization, device, dtype) -> torch.Tensor:
+    """Resize uint8 tiles (3, H, W) to (size, size) (bilinear, antialiased, half-pixel centres) and normalise.
+
+    Normalisation is done on the 0-255 scale, ``(x - 255 * mean) / (255 * std)``, so that integer statistics
+    such as (128, 64) are exact. Returns (B, 3, size, size) in ``dtype`` on ``device``.
+    """
+    mean, std = (torch.tensor(v, dtype=torch.float64).mul(255).float().view(3, 1, 1) for v in normalization)
+    batch = []
+    for tile in tiles:
+        pixels = tile.to(device=device, dtype=torch.float32)
+        if tuple(pixels.shape[1:]) != (size, size):
+            # (3, H, W) -> (1, 3, H, W) -> (1, 3, size, size) -> (3, size, size)
+            pixels = F.interpolate(pixels[None], size=(size, size), mode="bilinear", antialias=True,
+                                   align_corners=False)[0].clamp(0, 255)
+        batch.append((pixels - mean.to(device)) / std.to(device))
+    return torch.stack(batch).to(dtype)
+
+
+@torch.inference_mode()
+def encode_tiles(models: Models, tiles: Sequence[torch.Tensor], settings: InferenceSettings
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP prior and solver features of a batch of tiles on one G x G grid.
+
+    Returns:
+        logits: (B, G*G, K) float32 cosine similarities patch/query.
+        features: (B, G*G, D) L2-normalised patch features in the models' dtype (VFM, or CLIP tokens).
+    """
+    grid = models.grid_size(settings.model_res)
+    clip_input = to_model_input(tiles, grid * models.clip.patch_size, models.clip_normalization,
+                                models.device, models.dtype)
+    clip_tokens = models.clip.dense_features(clip_input)  # (B, G*G, E), unit norm
+    if clip_tokens.shape[1] != grid * grid:
+        raise InputError(f"CLIP produced {clip_tokens.shape[1]} patches but the VFM grid has {grid * grid}")
+    queries = models.query_embeddings.to(device=clip_tokens.device, dtype=torch.float32)
+    logits = clip_tokens.float() @ queries.T  # (B, G*G, E) @ (E, K) -> (B, G*G, K)
+    if settings.vfm_features == "clip" or settings.method == "baseline":
+        features = clip_tokens
+    else:
+        if models.vfm is None:
+            raise InputError("this method needs a VFM but none is loaded")
+        vfm_input = to_model_input(tiles, grid * models.vfm.patch_size, models.vfm_normalization,
+                                   models.device, models.dtype)
+        features = models.vfm.dense_features(vfm_input)  # (B, G*G, D), unit norm
+        if features.shape[1] != grid * grid:
+            raise InputError(
+                f"the VFM grid ({features.shape[1]} patches) differs from the CLIP grid ({grid * grid})",
+                hint="use models with matching patch grids at this --model-res",
+            )
+    return logits, features
+
+
+def solve(logits: torch.Tensor, features: torch.Tensor, settings: InferenceSettings) -> torch.Tensor:
+    """z (N, K) float32 for all patches of a context: the solver, or the prior alone for ``baseline``."""
+    if settings.method == "baseline":
+        return torch.softmax(settings.prior_scale * logits.float(), dim=-1)
+    return refine(logits, features, temperature=settings.temperature, iterations=settings.iterations,
+                  prior_scale=settings.prior_scale, init_topk=settings.init_topk)
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """``labels`` (H, W) uint8 and ``probs`` (C, H, W) float32 of one tile at its original size."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+
+
+def infer_tiles(models: Models, images, settings: InferenceSettings = InferenceSettings(),
+                output_sizes: Sequence[tuple[int, int]] | None = None) -> list[TileResult]:
+    """Segment a batch of RGB tiles with the batch as context (the paper's evaluation path).
+
+    ``images``: (B, H, W, 3) uint8 or a list of (H, W, 3) uint8 arrays. Every tile is resized to the model
+    resolution; z is upsampled back to each tile's original size (or ``output_sizes[b]`` as (H, W)).
+    """
+    tiles = as_tile_batch(images)
+    logits, features = encode_tiles(models, tiles, settings)
+    batch, patches, num_queries = logits.shape
+    # (B, G*G, K) -> (B*G*G, K): one joint fit over every patch of every tile
+    z = solve(logits.reshape(batch * patches, num_queries), features.reshape(batch * patches, -1), settings)
+    grid = models.grid_size(settings.model_res)
+    z_grid = patches_to_grid(z.float().cpu(), grid, grid)  # (B, K, G, G)
+    results = []
+    for index, tile in enumerate(tiles):
+        size = tuple(output_sizes[index]) if output_sizes else tuple(tile.shape[1:])
+        probs = class_probabilities(z_grid[index : index + 1], size, models.classes.query_to_class,
+                                    settings.logit_scale)[0]
+        labels = labels_from_probabilities(probs[None], settings.prob_thd, settings.bg_idx)[0]
+        results.append(TileResult(labels.numpy().astype(np.uint8), probs.numpy()))
+    return results

@@ -1,0 +1,279 @@
+"""Tiling arithmetic and seamless stitching of per-tile class probabilities.
+
+Tile size: the CLI default is ``DEFAULT_TILE_SIZE = 448`` source pixels, fed to the models at 448 x 448, i.e.
+at the source's native resolution. The models then see the ground at the source GSD, as in the paper, whose
+448² crops come from 0.3-1 m imagery; the ViT/16 encoders turn such a tile into a 28 x 28 patch grid.
+
+Overlap: neighbouring tiles share ``overlap`` pixels; :func:`blend_weights` ramps each tile's weight linearly
+across that band, so the weighted mean of overlapping probabilities changes smoothly from one tile to the next
+(no seams). ``DEFAULT_OVERLAP = 64`` (1/7 of a tile) costs about (448/384)² = 1.36 times the tiles of a
+non-overlapping grid.
+
+Large scenes: :class:`BandStitcher` takes tiles row-major and holds only one band of ``tile_size`` rows across
+the scene width, (C + 1, tile_size, width) float32, emitting each band's final blocks as soon as the next tile
+row can no longer reach them. Memory is therefore bounded by the scene width, never its area (a 20,000 px
+wide scene with 10 classes and 448 px tiles needs 11 * 448 * 20,000 * 4 B = 394 MB).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from rasterio.windows import Window
+
+DEFAULT_TILE_SIZE = 448
+DEFAULT_OVERLAP = 64
+NODATA_LABEL = 255
+"""Label of invalid pixels in class maps; class indexes therefore run 0..254."""
+BLOCK_WIDTH = 2048
+"""Width of the blocks a finished band is emitted in (bounds the temporaries of the final division)."""
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Square tiles of ``tile_size`` pixels laid row-major over a ``width`` x ``height`` raster.
+
+    With stride ``s = tile_size - overlap``, tile (row r, column c) starts at pixel ``(c*s, r*s)`` and there are
+    ``n_cols = 1 + ceil(max(width - tile_size, 0) / s)`` columns (rows alike), the fewest that reach the right
+    edge. Edge tiles keep the full ``tile_size``: the part beyond the raster is padding (read as invalid
+    pixels), not dropped. ``overlap < tile_size / 2`` keeps the two blend ramps of a tile apart, so each pixel
+    lies in at most two tiles per axis.
+    """
+
+    width: int
+    height: int
+    tile_size: int = DEFAULT_TILE_SIZE
+    overlap: int = DEFAULT_OVERLAP
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height", "tile_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TileGrid {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= 2 * self.overlap < self.tile_size:
+            raise ValueError(
+                f"TileGrid overlap must be >= 0 and < tile_size / 2 = {self.tile_size / 2}, got {self.overlap}"
+            )
+
+    @property
+    def stride(self) -> int:
+        """Pixels between the origins of neighbouring tiles: ``tile_size - overlap``."""
+        return self.tile_size - self.overlap
+
+    @property
+    def n_cols(self) -> int:
+        return 1 + math.ceil(max(self.width - self.tile_size, 0) / self.stride)
+
+    @property
+    def n_rows(self) -> int:
+        return 1 + math.ceil(max(self.height - self.tile_size, 0) / self.stride)
+
+    def __len__(self) -> int:
+        return self.n_rows * self.n_cols
+
+    def window(self, index: int) -> Window:
+        """Window of tile ``index`` (row-major: ``row = index // n_cols``); always tile_size x tile_size."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"tile index {index} out of range 0..{len(self) - 1}")
+        row, col = divmod(index, self.n_cols)
+        return Window(col * self.stride, row * self.stride, self.tile_size, self.tile_size)
+
+    def windows(self) -> list[Window]:
+        """All tile windows, row-major."""
+        return [self.window(i) for i in range(len(self))]
+
+    def __iter__(self) -> Iterator[Window]:
+        return (self.window(i) for i in range(len(self)))
+
+
+def block_windows(width: int, height: int, block_size: int = 1024) -> Iterator[Window]:
+    """Non-overlapping windows of at most ``block_size`` pixels a side covering the raster, row-major.
+
+    Edge blocks are clipped to the raster (unlike tiles), so they suit finalizing and writing.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    for row_off in range(0, height, block_size):
+        for col_off in range(0, width, block_size):
+            yield Window(
+                col_off, row_off, min(block_size, width - col_off), min(block_size, height - row_off)
+            )
+
+
+def blend_weights(tile_size: int, overlap: int) -> np.ndarray:
+    """Per-pixel weights of one tile for blending overlapping tiles.
+
+    1-D ramp ``r(i) = min(1, (i + 0.5) / overlap, (tile_size - i - 0.5) / overlap)`` for i in 0..tile_size-1,
+    and weight = outer(r, r). Across an overlap band the falling ramp of one tile and the rising ramp of the
+    next sum to exactly 1 (``(overlap - j - 0.5)/overlap + (j + 0.5)/overlap``), and products of such pairs sum
+    to 1 at corners, so blended probabilities vary linearly between tiles. All weights are >= 0.5 / overlap > 0.
+    With ``overlap = 0`` every weight is 1.
+
+    Returns:
+        (tile_size, tile_size) float32.
+    """
+    TileGrid(tile_size, tile_size, tile_size, overlap)  # same validation as the grid
+    positions = np.arange(tile_size, dtype=np.float64) + 0.5
+    if overlap == 0:
+        ramp = np.ones(tile_size)
+    else:
+        ramp = np.minimum(1.0, np.minimum(positions, tile_size - positions) / overlap)
+    return np.outer(ramp, ramp).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class StitchedBlock:
+    """Final result of one block: ``labels`` (h, w) uint8 (255 = invalid), ``probs`` (C, h, w) float32
+    (0 where invalid), ``valid`` (h, w) bool."""
+
+    window: Window
+    labels: np.ndarray
+    probs: np.ndarray
+    valid: np.ndarray
+
+
+class BandStitcher:
+    """Blends tiles added in row-major order into final blocks, holding one band of tile rows in memory.
+
+    Tile row ``r`` covers source rows ``[r*s, r*s + T)`` (``s`` = stride, ``T`` = tile size) and row ``r + 1``
+    starts at ``(r + 1)*s``, so once row ``r`` is complete the rows ``[r*s, (r + 1)*s)`` can receive nothing
+    more and are final (the last tile row finishes the raster). The accumulator is therefore one band
+    (C + 1, T, W) float32 (:attr:`band_shape`), whatever the scene height: channels 0..C-1 hold
+    ``sum(w * valid * p)`` and channel C holds ``sum(w * valid)``, ``w`` from :func:`blend_weights`. After a
+    band is emitted it moves up by one stride, carrying the ``overlap`` rows still shared with the next row.
+
+    Usage::
+
+        stitcher = BandStitcher(grid, num_classes)
+        for index in range(len(grid)):
+            for block in stitcher.add(index, probs_or_none, valid):
+                write(block)
+        assert stitcher.done
+    """
+
+    def __init__(self, grid: TileGrid, num_classes: int) -> None:
+        if not 1 <= num_classes <= NODATA_LABEL:
+            raise ValueError(f"num_classes must be in 1..{NODATA_LABEL}, got {num_classes}")
+        self.grid = grid
+        self.num_classes = num_classes
+        self._weights = blend_weights(grid.tile_size, grid.overlap)
+        self._band = np.zeros(self.band_shape, np.float32)
+        self._next_index = 0
+        # tile row whose blocks add() returned but were not all consumed yet; the band moves on only after
+        self._pending_row: int | None = None
+
+    @property
+    def band_shape(self) -> tuple[int, int, int]:
+        """Shape of the accumulator, (C + 1, tile_size, width): the stitcher's memory is 4 bytes times this."""
+        return (self.num_classes + 1, self.grid.tile_size, self.grid.width)
+
+    @property
+    def done(self) -> bool:
+        """True once every tile was added and every block emitted."""
+        return self._next_index == len(self.grid) and self._pending_row is None
+
+    def add(
+        self,
+        index: int,
+        probs: np.ndarray | None,
+        valid: np.ndarray | None = None,
+        *,
+        prob_thd: float = 0.0,
+        bg_index: int = 0,
+    ) -> Iterator[StitchedBlock]:
+        """Add tile ``index`` and return the blocks that became final (empty unless it ends a tile row).
+
+        The tile is validated and accumulated at once; the returned blocks (row order, at most
+        :data:`BLOCK_WIDTH` wide) are computed as they are iterated and must all be consumed before the next
+        ``add``.
+
+        Args:
+            index: tile index; tiles must come in order 0, 1, 2, ... without gaps.
+            probs: (C, T, T) class probabilities, or None for an empty (skipped) tile that adds nothing.
+            valid: (T, T) bool, False where the tile has no data; None: all valid.
+            prob_thd: pixels whose top probability is below it get ``bg_index`` (0: off), in emitted blocks.
+            bg_index: background class, 0..C-1.
+        """
+        if self._pending_row is not None:
+            raise RuntimeError(
+                f"the blocks of tile row {self._pending_row} were not all consumed: iterate over what add() "
+                "returns before adding the next tile"
+            )
+        if index != self._next_index:
+            raise ValueError(f"tiles must be added in row-major order: expected {self._next_index}, got {index}")
+        if index >= len(self.grid):
+            raise ValueError(f"all {len(self.grid)} tiles were already added, got index {index}")
+        if not 0.0 <= prob_thd <= 1.0:
+            raise ValueError(f"prob_thd must be in [0, 1], got {prob_thd}")
+        if not 0 <= bg_index < self.num_classes:
+            raise ValueError(f"bg_index must be in 0..{self.num_classes - 1}, got {bg_index}")
+        if probs is not None:
+            self._accumulate(index, probs, valid)
+        self._next_index += 1
+        if self._next_index % self.grid.n_cols:
+            return iter(())
+        self._pending_row = index // self.grid.n_cols
+        return self._emit(self._pending_row, prob_thd, bg_index)
+
+    def _accumulate(self, index: int, probs: np.ndarray, valid: np.ndarray | None) -> None:
+        size = self.grid.tile_size
+        probs = np.asarray(probs)
+        if probs.shape != (self.num_classes, size, size):
+            raise ValueError(f"probs must have shape {(self.num_classes, size, size)}, got {probs.shape}")
+        weights = self._weights
+        if valid is not None:
+            valid = np.asarray(valid)
+            if valid.shape != (size, size):
+                raise ValueError(f"valid must have shape {(size, size)}, got {valid.shape}")
+            weights = weights * valid.astype(bool)
+        col = int(self.grid.window(index).col_off)
+        width = min(size, self.grid.width - col)  # columns past the right edge are padding
+        target = self._band[:, :, col : col + width]
+        target[:-1] += probs[:, :, :width] * weights[:, :width]
+        target[-1] += weights[:, :width]
+
+    def _emit(self, tile_row: int, prob_thd: float, bg_index: int) -> Iterator[StitchedBlock]:
+        grid = self.grid
+        top = tile_row * grid.stride
+        # the last tile row reaches the bottom edge (rows past it are padding); others finish one stride
+        rows = grid.height - top if tile_row == grid.n_rows - 1 else grid.stride
+        for col in range(0, grid.width, BLOCK_WIDTH):
+            width = min(BLOCK_WIDTH, grid.width - col)
+            block = self._band[:, :rows, col : col + width]
+            yield finalize_block(block, Window(col, top, width, rows), prob_thd, bg_index)
+        # move the band up one stride: the overlap rows carry over, the rest starts empty
+        carried = grid.tile_size - grid.stride
+        self._band[:, :carried] = self._band[:, grid.stride :]
+        self._band[:, carried:] = 0.0
+        self._pending_row = None
+
+
+def finalize_block(accumulated: np.ndarray, window: Window, prob_thd: float, bg_index: int) -> StitchedBlock:
+    """Final labels and probabilities from an accumulator block (C + 1, h, w) of ``window``.
+
+    ``probs = sum(w p) / sum(w)``; ``labels = argmax`` (first index on ties); pixels whose top probability is
+    below ``prob_thd`` get ``bg_index``; pixels no tile covered with valid data get 255 and probability 0.
+    """
+    weight_sum = accumulated[-1]
+    valid = weight_sum > 0
+    probs = accumulated[:-1] / np.where(valid, weight_sum, 1.0)
+    labels = probs.argmax(axis=0).astype(np.uint8)
+    if prob_thd > 0:
+        labels[probs.max(axis=0) < prob_thd] = bg_index
+    labels[~valid] = NODATA_LABEL
+    return StitchedBlock(window=window, labels=labels, probs=probs.astype(np.float32, copy=False), valid=valid)
+
+
+__all__ = [
+    "BLOCK_WIDTH",
+    "DEFAULT_OVERLAP",
+    "DEFAULT_TILE_SIZE",
+    "NODATA_LABEL",
+    "StitchedBlock",
+    "TileGrid",
+    "blend_weights",
+    "block_windows",
+    "finalize_block",
+]

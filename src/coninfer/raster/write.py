@@ -1,0 +1,420 @@
+"""Write segmentation results: class map and probabilities (COG), vectors, preview PNG, JSON report.
+
+Every writer is atomic: it writes a temporary file (``.<name>.<random>.part<suffix>``) in the destination folder
+and moves it into place with ``os.replace`` only when complete; on any exception the temporary files are
+deleted, so a failed run never leaves partial output.
+
+Rasters are written block by block, so scenes larger than memory work: the blocks go to a tiled GeoTIFF,
+which is then copied to a Cloud-Optimized GeoTIFF (GDAL's COG driver, overviews built by that copy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import fiona
+import numpy as np
+import rasterio
+import rasterio.shutil
+from PIL import Image, ImageDraw, ImageFont
+from rasterio import features
+from rasterio.io import DatasetWriter
+from rasterio.windows import Window
+
+from coninfer.errors import OutputError
+from coninfer.raster.read import Georef, _quiet
+from coninfer.raster.tiles import NODATA_LABEL, block_windows
+
+Color = tuple[int, int, int]
+
+# Fixed palette: the first entries suit common land-cover classes in their usual order
+# (background, building, road, tree/forest, low vegetation, water, agriculture, bare soil), then distinct hues.
+_PALETTE: tuple[Color, ...] = (
+    (0, 0, 0), (222, 31, 7), (255, 255, 255), (34, 97, 38), (0, 255, 36), (0, 69, 255), (255, 195, 128),
+    (128, 0, 0), (148, 148, 148), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 0, 128), (0, 128, 128),
+    (255, 128, 0), (128, 128, 0), (0, 0, 128), (255, 128, 192), (128, 64, 0), (64, 192, 128),
+)  # fmt: skip
+_COG_OPTIONS = {"compress": "deflate", "blocksize": 512, "bigtiff": "IF_SAFER"}
+_VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
+
+
+def default_colors(n: int) -> list[Color]:
+    """``n`` RGB colours: the fixed palette, then deterministic pseudo-random colours beyond its length."""
+    rng = np.random.default_rng(0)
+    extra = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(max(0, n - len(_PALETTE)))]
+    return [*_PALETTE, *extra][:n]
+
+
+def check_output_path(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Path:
+    """Check that ``path`` may be written; return it as a Path.
+
+    Raises:
+        OutputError: the path is one of ``inputs``, is a folder, exists without ``overwrite``, or its folder
+            is missing or not writable.
+    """
+    path = Path(path)
+    for source in inputs:
+        if Path(source).resolve() == path.resolve():
+            raise OutputError(f"output {path} is the input {source}", hint="choose another output path")
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(
+            f"output folder {folder} does not exist", hint=f"create it first: mkdir -p {folder}"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {folder} is not writable", hint="choose a folder you can write to")
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder", hint="pass a file path")
+    if path.exists() and not overwrite:
+        raise OutputError(f"output {path} already exists", hint="pass --overwrite to replace it")
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same suffix, so drivers see the right format); on success
+    move it onto ``path``, on error delete it."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+class _CogWriter:
+    """Block-wise writer of a multi-band uint8 COG; use as a context manager (commits on clean exit)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        georef: Georef,
+        *,
+        count: int,
+        nodata: int | None,
+        resampling: str,
+        setup: Callable[[DatasetWriter], None],
+    ) -> None:
+        self.path = Path(path)
+        self.georef = georef
+        self._resampling = resampling
+        self._final = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.part.tif")
+        self._staging = self._final.with_suffix(".stage.tif")
+        profile = georef.profile(count=count, dtype="uint8", nodata=nodata)
+        profile.update(tiled=True, blockxsize=512, blockysize=512, compress="deflate", zlevel=1)
+        profile.update(bigtiff="IF_SAFER")
+        self._dst: DatasetWriter | None = None
+        try:
+            with _quiet():
+                self._dst = rasterio.open(self._staging, "w", **profile)
+            setup(self._dst)
+        except Exception:
+            if self._dst is not None:
+                self._dst.close()
+            self._cleanup()
+            raise
+
+    def __enter__(self) -> _CogWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            self._dst.close()
+            if exc_type is None:
+                with _quiet():
+                    options = {"overview_resampling": self._resampling, **_COG_OPTIONS}
+                    rasterio.shutil.copy(self._staging, self._final, driver="COG", **options)
+                os.replace(self._final, self.path)
+        finally:
+            self._cleanup()
+
+    def _check_window(self, window: Window, shape: tuple[int, ...]) -> None:
+        expected = (int(window.height), int(window.width))
+        if shape != expected:
+            raise ValueError(f"block shape {shape} does not match window {window} of shape {expected}")
+
+    def _cleanup(self) -> None:
+        for temporary in (self._staging, self._final):
+            for sidecar in ("", ".aux.xml", ".msk"):
+                Path(f"{temporary}{sidecar}").unlink(missing_ok=True)
+
+
+class ClassMapWriter(_CogWriter):
+    """uint8 class-map COG on ``georef``: colour table, class names in tags, nodata 255, nearest overviews.
+
+    Tags: ``CLASS_NAMES`` (JSON list) on the dataset and ``CLASS_<i>=<name>`` on band 1.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        georef: Georef,
+        class_names: Sequence[str],
+        colors: Sequence[Color] | None = None,
+    ) -> None:
+        if not 1 <= len(class_names) <= NODATA_LABEL:
+            raise ValueError(f"class_names must hold 1..{NODATA_LABEL} names, got {len(class_names)}")
+        colors = default_colors(len(class_names)) if colors is None else list(colors)
+        if len(colors) < len(class_names):
+            raise ValueError(f"need {len(class_names)} colors, got {len(colors)}")
+        self.num_classes = len(class_names)
+
+        def setup(dst: DatasetWriter) -> None:
+            colormap = {i: (*colors[i], 255) for i in range(self.num_classes)}
+            dst.write_colormap(1, {**colormap, NODATA_LABEL: (0, 0, 0, 0)})
+            dst.update_tags(CLASS_NAMES=json.dumps(list(class_names)))
+            dst.update_tags(1, **{f"CLASS_{i}": name for i, name in enumerate(class_names)})
+            dst.set_band_description(1, "class")
+
+        super().__init__(path, georef, count=1, nodata=NODATA_LABEL, resampling="nearest", setup=setup)
+
+    def write(self, window: Window, labels: np.ndarray) -> None:
+        """Write labels (h, w) uint8 (class index or 255) at ``window``."""
+        self._check_window(window, labels.shape)
+        if labels.dtype != np.uint8 or np.any((labels >= self.num_classes) & (labels != NODATA_LABEL)):
+            raise ValueError(f"labels must be uint8 in 0..{self.num_classes - 1} or {NODATA_LABEL}")
+        self._dst.write(labels, 1, window=window)
+
+
+class ProbabilityWriter(_CogWriter):
+    """Probability COG: one uint8 band per class (``round(255 * p)``), band descriptions = class names,
+    invalid pixels in the internal mask (0 is a real probability, so no nodata value), average overviews."""
+
+    def __init__(self, path: str | Path, georef: Georef, class_names: Sequence[str]) -> None:
+        self.num_classes = len(class_names)
+
+        def setup(dst: DatasetWriter) -> None:
+            for band, name in enumerate(class_names, start=1):
+                dst.set_band_description(band, name)
+
+        super().__init__(path, georef, count=len(class_names), nodata=None, resampling="average", setup=setup)
+
+    def write(self, window: Window, probs: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Write probabilities (C, h, w) in [0, 1] and validity (h, w) bool (None: all valid) at ``window``."""
+        if probs.shape[0] != self.num_classes:
+            raise ValueError(f"probs must have {self.num_classes} channels, got shape {probs.shape}")
+        self._check_window(window, probs.shape[1:])
+        scaled = np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
+        if valid is not None:
+            scaled[:, ~valid] = 0
+        self._dst.write(scaled, window=window)
+        mask = np.full(probs.shape[1:], 255, np.uint8) if valid is None else valid.astype(np.uint8) * 255
+        self._dst.write_mask(mask, window=window)
+
+
+def write_class_map(
+    path: str | Path,
+    labels: np.ndarray | Iterable[tuple[Window, np.ndarray]],
+    georef: Georef,
+    class_names: Sequence[str],
+    colors: Sequence[Color] | None = None,
+) -> Path:
+    """Write a class-map COG (see :class:`ClassMapWriter`) from a full (H, W) uint8 array or from
+    ``(window, labels)`` blocks that cover the scene."""
+    with ClassMapWriter(path, georef, class_names, colors) as writer:
+        for window, block in _as_blocks(labels, georef):
+            writer.write(window, block)
+    return Path(path)
+
+
+def write_probabilities(
+    path: str | Path,
+    probs: np.ndarray | Iterable[tuple[Window, np.ndarray, np.ndarray | None]],
+    georef: Georef,
+    class_names: Sequence[str],
+) -> Path:
+    """Write a probability COG (see :class:`ProbabilityWriter`) from a full (C, H, W) array in [0, 1] or from
+    ``(window, probs, valid)`` blocks."""
+    with ProbabilityWriter(path, georef, class_names) as writer:
+        if isinstance(probs, np.ndarray):
+            for window in block_windows(georef.width, georef.height):
+                writer.write(window, probs[(slice(None), *window.toslices())])
+        else:
+            for window, block, valid in probs:
+                writer.write(window, block, valid)
+    return Path(path)
+
+
+def write_vectors(
+    path: str | Path,
+    class_map: str | Path | np.ndarray,
+    class_names: Sequence[str],
+    georef: Georef | None = None,
+) -> Path:
+    """Write one dissolved MultiPolygon per present class to GeoPackage (.gpkg) or GeoJSON (.geojson/.json).
+
+    GDAL's polygonize (4-connected) merges touching pixels of a value into one polygon; the polygons of a class
+    become the parts of its MultiPolygon. Attributes: ``class_id``, ``class_name``, ``area`` and ``area_unit``
+    (see :attr:`Georef.area_unit`: m² for a projected CRS, else CRS units² or pixels), polygon areas summed by
+    the shoelace formula. Coordinates are in the input CRS. Classes absent from the map get no feature.
+    GDAL reads a class-map file block by block, but all polygons are held in memory until written.
+
+    Args:
+        class_map: path of a written class map (its grid is used) or an (H, W) uint8 array with ``georef``.
+    """
+    path = Path(path)
+    driver = _VECTOR_DRIVERS.get(path.suffix.lower())
+    if driver is None:
+        raise OutputError(
+            f"cannot write vectors to {path}: unknown extension {path.suffix!r}",
+            hint="use a .gpkg or .geojson file name",
+        )
+    if isinstance(class_map, np.ndarray):
+        if georef is None:
+            raise ValueError("georef is needed when class_map is an array")
+        parts = _polygons_by_class(class_map, georef, len(class_names))
+    else:
+        with _quiet(), rasterio.open(class_map) as src:
+            georef = Georef(src.width, src.height, src.crs if src.crs else None, src.transform)
+            parts = _polygons_by_class(rasterio.band(src, 1), georef, len(class_names))
+    schema = {
+        "geometry": "MultiPolygon",
+        "properties": {"class_id": "int", "class_name": "str", "area": "float", "area_unit": "str"},
+    }
+    scale = georef.metres_per_unit**2 if georef.is_projected else 1.0
+    layer = re.sub(r"\W", "_", path.stem)  # GPKG layer names allow no dots or spaces
+    with (
+        atomic_path(path) as temporary,
+        fiona.open(temporary, "w", driver=driver, schema=schema, crs=georef.crs, layer=layer) as sink,
+    ):
+        for class_id, polygons in sorted(parts.items()):
+            area = scale * sum(_polygon_area(rings) for rings in polygons)
+            properties = {"class_id": class_id, "class_name": class_names[class_id], "area": area}
+            properties["area_unit"] = georef.area_unit
+            sink.write(
+                {"geometry": {"type": "MultiPolygon", "coordinates": polygons}, "properties": properties}
+            )
+    return path
+
+
+def write_preview(
+    path: str | Path,
+    rgb: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    colors: Sequence[Color] | None = None,
+    *,
+    max_size: int = 1024,
+    opacity: float = 0.5,
+) -> Path:
+    """PNG of the image blended with the class colours, at most ``max_size`` px a side, plus a legend panel
+    on the right (coloured squares and names). Pixels labelled 255 show the image alone.
+
+    Args:
+        rgb: (3, h, w) uint8 image, e.g. from ``read_overview``; resized to fit ``max_size``.
+        labels: (H, W) uint8 class map of the same scene at any size; sampled (nearest) onto the preview.
+    """
+    colors = default_colors(len(class_names)) if colors is None else list(colors)
+    _, height, width = rgb.shape
+    scale = min(1.0, max_size / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = np.asarray(Image.fromarray(np.moveaxis(rgb, 0, -1)).resize(size, Image.Resampling.BOX))
+    rows = np.arange(size[1]) * labels.shape[0] // size[1]
+    cols = np.arange(size[0]) * labels.shape[1] // size[0]
+    sampled = labels[np.ix_(rows, cols)]
+    lut = np.zeros((256, 3), np.float32)
+    lut[: len(class_names)] = np.asarray(colors[: len(class_names)], np.float32)
+    drawn = (sampled < len(class_names))[..., None]
+    blended = np.where(drawn, (1 - opacity) * image + opacity * lut[sampled], image)
+    canvas = _with_legend(Image.fromarray(np.rint(blended).astype(np.uint8)), class_names, colors)
+    with atomic_path(path) as temporary:
+        canvas.save(temporary, format="PNG")
+    return Path(path)
+
+
+def write_report(path: str | Path, report: Mapping) -> Path:
+    """Write ``report`` as indented JSON, atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def count_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels per class (num_classes,) int64 of a labels block (h, w) uint8; 255 (invalid) is not counted.
+    Sum the counts of all blocks for a scene."""
+    return np.bincount(labels.ravel(), minlength=256)[:num_classes].astype(np.int64)
+
+
+def class_statistics(counts: np.ndarray, class_names: Sequence[str], georef: Georef) -> list[dict]:
+    """One dict per class: ``class_id``, ``class_name``, ``pixels``, ``fraction`` (of valid pixels),
+    ``area`` in ``area_unit`` (pixels x :attr:`Georef.pixel_area`; m² for a projected CRS)."""
+    total = int(counts.sum())
+    return [
+        {
+            "class_id": class_id,
+            "class_name": name,
+            "pixels": int(counts[class_id]),
+            "fraction": int(counts[class_id]) / total if total else 0.0,
+            "area": int(counts[class_id]) * georef.pixel_area,
+            "area_unit": georef.area_unit,
+        }
+        for class_id, name in enumerate(class_names)
+    ]
+
+
+def _as_blocks(labels: np.ndarray | Iterable[tuple[Window, np.ndarray]], georef: Georef):
+    if not isinstance(labels, np.ndarray):
+        return labels
+    if labels.shape != (georef.height, georef.width):
+        raise ValueError(f"labels must have shape {(georef.height, georef.width)}, got {labels.shape}")
+    return ((w, labels[w.toslices()]) for w in block_windows(georef.width, georef.height))
+
+
+def _polygons_by_class(source, georef: Georef, num_classes: int) -> dict[int, list]:
+    """class id -> list of polygons (each a list of rings of (x, y)) from GDAL polygonize."""
+    parts: dict[int, list] = {}
+    for geometry, value in features.shapes(source, connectivity=4, transform=georef.transform):
+        class_id = int(value)
+        if class_id < num_classes:  # 255 (invalid) and stray values are not classes
+            parts.setdefault(class_id, []).append(geometry["coordinates"])
+    return parts
+
+
+def _polygon_area(rings: list) -> float:
+    """Area of a polygon (exterior ring then holes) by the shoelace formula, in squared map units."""
+    areas = []
+    for ring in rings:
+        xy = np.asarray(ring, dtype=np.float64)
+        x, y = xy[:, 0], xy[:, 1]
+        areas.append(0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+    return areas[0] - sum(areas[1:])
+
+
+def _with_legend(image: Image.Image, class_names: Sequence[str], colors: Sequence[Color]) -> Image.Image:
+    """``image`` with a white legend panel on its right: one row (square + name) per class."""
+    # Pillow's default font at 14 px (FreeType); Pillow falls back to its bitmap font without FreeType
+    font = ImageFont.load_default(size=14)
+    row_height, square, margin = 20, 14, 8
+    text_width = max(int(font.getlength(name)) for name in class_names)
+    panel = (margin + square + 6 + text_width + margin, margin * 2 + row_height * len(class_names))
+    canvas = Image.new("RGB", (image.width + panel[0], max(image.height, panel[1])), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(class_names):
+        x, y = image.width + margin, margin + i * row_height
+        draw.rectangle([x, y, x + square - 1, y + square - 1], fill=tuple(colors[i]), outline="black")
+        draw.text((x + square + 6, y), name, fill="black", font=font)
+    return canvas
+
+
+__all__ = [
+    "ClassMapWriter",
+    "ProbabilityWriter",
+    "atomic_path",
+    "check_output_path",
+    "class_statistics",
+    "count_classes",
+    "default_colors",
+    "write_class_map",
+    "write_preview",
+    "write_probabilities",
+    "write_report",
+    "write_vectors",
+]

@@ -1,0 +1,428 @@
+"""Whole scenes: windowed tiles -> on-disk store of priors and features -> context solver -> stitched outputs.
+
+Three passes over a scene, each bounded in memory by a tile batch or a band of tile rows, never the scene:
+
+1. **Encode** every non-empty tile (row-major, in fixed groups of ``batch_size`` tiles) into a memory-mapped
+   store in the work directory: CLIP logits (T, G*G, K) float32, features (T, G*G, D) float16, patch validity.
+   After each group the store is flushed and ``state.json`` is replaced atomically, so a run killed at any
+   point resumes at the first unfinished group and computes exactly the same numbers.
+2. **Solve** the chosen context: ``scene`` streams the store through the solver's sufficient-statistics API
+   (one mixture over all tiles); ``batch`` fits groups of ``context_size`` tiles (the paper's setting);
+   ``none`` keeps the prior. Patches less than half valid (nodata) take no part in fitting.
+3. **Stitch** tile probabilities row band by row band (:class:`~coninfer.raster.tiles.BandStitcher`), blending
+   overlaps, and write the class map / probabilities window by window, then vectors, preview and report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from coninfer.errors import InputError
+from coninfer.pipeline import InferenceSettings, Models, encode_tiles, resolve_device, resolve_dtype
+from coninfer.postprocess import class_probabilities, patches_to_grid
+from coninfer.prompts import ClassList
+from coninfer.raster import read, write
+from coninfer.raster.tiles import NODATA_LABEL, BandStitcher, TileGrid
+from coninfer.solver import assign, fit_context
+
+logger = logging.getLogger(__name__)
+
+Context = Literal["scene", "batch", "none"]
+_STORE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SceneOptions:
+    """How a scene is cut and which context the solver sees.
+
+    ``tile_size`` is in source pixels; each tile is resized to the model resolution. The default 448 keeps the
+    source ground sampling distance (448 px -> 448 model px), as the paper's 448² crops of 0.1-1 m imagery do;
+    use a larger tile for very fine imagery (e.g. 896 at 0.1 m) so that a patch still covers a few metres.
+    ``overlap`` (source px) is blended linearly so tiles leave no seams.
+    """
+
+    tile_size: int = 448
+    overlap: int = 0
+    context: Context = "scene"
+    context_size: int = 50
+    batch_size: int = 8
+    solver_chunk_tiles: int = 64
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 16:
+            raise InputError(f"tile_size must be >= 16 px, got {self.tile_size}")
+        if not 0 <= self.overlap < self.tile_size // 2:
+            raise InputError(f"overlap must be in 0..{self.tile_size // 2 - 1} px, got {self.overlap}",
+                             hint="use an overlap smaller than half the tile size")
+        if self.context not in ("scene", "batch", "none"):
+            raise InputError(f"context must be scene, batch or none, got {self.context!r}")
+        if self.context_size < 1 or self.batch_size < 1 or self.solver_chunk_tiles < 1:
+            raise InputError("context_size, batch_size and solver_chunk_tiles must be >= 1")
+
+
+class TileStore:
+    """Memory-mapped per-tile priors and features of one scene run, in ``folder``."""
+
+    def __init__(self, folder: Path, num_tiles: int, num_patches: int, num_queries: int) -> None:
+        self.folder = folder
+        self.shape = (num_tiles, num_patches)
+        self.num_queries = num_queries
+        self.state_path = folder / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {
+            "version": _STORE_VERSION, "next_tile": 0, "empty": [], "feature_dim": None, "solved": False}
+        self.logits = self._map("logits.f32", np.float32, num_queries, "r+" if self.state["next_tile"] else "w+")
+        self.valid = self._map("valid.u8", np.uint8, None, "r+" if self.state["next_tile"] else "w+")
+        self.features: np.memmap | None = None
+        if self.state["feature_dim"]:
+            self.features = self._map("features.f16", np.float16, self.state["feature_dim"], "r+")
+        self.z = self._map("z.f32", np.float32, num_queries, "r+" if self.state["solved"] else "w+")
+
+    def _map(self, name: str, dtype, last: int | None, mode: str) -> np.memmap:
+        shape = self.shape + ((last,) if last else ())
+        return np.memmap(self.folder / name, dtype=dtype, mode=mode, shape=shape)
+
+    def put(self, indices: Sequence[int], logits: np.ndarray, features: np.ndarray, valid: np.ndarray) -> None:
+        if self.features is None:
+            self.state["feature_dim"] = int(features.shape[-1])
+            self.features = self._map("features.f16", np.float16, features.shape[-1], "w+")
+        self.logits[indices] = logits
+        self.features[indices] = features.astype(np.float16)
+        self.valid[indices] = valid
+
+    def commit(self, next_tile: int, empty: Sequence[int] = (), solved: bool | None = None) -> None:
+        """Flush the maps, then record progress atomically (data first, so a kill never records unsaved work)."""
+        for array in (self.logits, self.valid, self.features, self.z):
+            if array is not None:
+                array.flush()
+        self.state["next_tile"] = next_tile
+        self.state["empty"] = sorted(set(self.state["empty"]) | set(int(i) for i in empty))
+        if solved is not None:
+            self.state["solved"] = solved
+        temporary = self.state_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.state))
+        os.replace(temporary, self.state_path)
+
+
+class Segmenter:
+    """Open-vocabulary segmentation of scenes and arrays with ConInfer.
+
+    >>> seg = Segmenter("building,roof;road;tree;water")               # doctest: +SKIP
+    >>> seg.segment_file("scene.tif", "classes.tif", vector="classes.gpkg")  # doctest: +SKIP
+    >>> labels, probs = seg.segment_array(rgb)                           # doctest: +SKIP
+    """
+
+    def __init__(self, classes: ClassList | str | Sequence[str], *, vlm: str = "clip-b16",
+                 vfm: str = "dinov3-l16-sat", device: str = "auto", precision: str = "auto",
+                 settings: InferenceSettings = InferenceSettings(), clip_variant: str | None = None,
+                 attn_lambda: float | None = None, cache_dir: str | Path | None = None) -> None:
+        from coninfer.encoders import presets
+        from coninfer.encoders.clip import DenseCLIPSettings
+
+        classes = _as_class_list(classes)
+        torch_device = resolve_device(device)
+        dtype = resolve_dtype(precision, torch_device)
+        clip_settings = DenseCLIPSettings.for_variant(clip_variant) if clip_variant else DenseCLIPSettings()
+        if attn_lambda is not None:
+            clip_settings = DenseCLIPSettings(clip_settings.variant, clip_settings.ignore_residual, attn_lambda)
+        clip = presets.load_vlm(vlm, device=torch_device, dtype=dtype, settings=clip_settings)
+        needs_vfm = settings.method == "coninfer" and settings.vfm_features == "vfm"
+        vfm_model = presets.load_vfm(vfm, device=torch_device, dtype=dtype) if needs_vfm else None
+        queries = clip.encode_queries(list(classes.queries), cache_dir=cache_dir)
+        self.models = Models(clip, vfm_model, classes, queries, torch_device, dtype)
+        self.settings = settings
+        self.model_names = {"vlm": vlm, "vfm": vfm if needs_vfm else None, "clip_settings": asdict(clip_settings)}
+
+    @classmethod
+    def from_models(cls, models: Models, settings: InferenceSettings = InferenceSettings(),
+                    model_names: dict | None = None) -> Segmenter:
+        """A Segmenter around already-loaded models (tests, notebooks)."""
+        segmenter = cls.__new__(cls)
+        segmenter.models, segmenter.settings = models, settings
+        segmenter.model_names = model_names or {"vlm": type(models.clip).__name__}
+        return segmenter
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.models.classes.names
+
+    def segment_array(self, rgb: np.ndarray, options: SceneOptions = SceneOptions(), *,
+                      workdir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Segment an (H, W, 3) uint8 array as a scene; returns labels (H, W) uint8 and probs (C, H, W)."""
+        import tempfile
+
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise InputError(f"rgb must be an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
+        with tempfile.TemporaryDirectory(dir=workdir) as folder:
+            path = Path(folder) / "array.tif"
+            georef = read.Georef(rgb.shape[1], rgb.shape[0], None, read.Affine.identity())
+            import rasterio
+
+            with rasterio.open(path, "w", **georef.profile(count=3, dtype="uint8")) as dst:
+                dst.write(np.moveaxis(rgb, -1, 0))
+            scene = read.open_scene(path)
+            store = self._prepare(scene, options, Path(folder) / "work", resume=False, progress=False)
+            labels = np.full(rgb.shape[:2], NODATA_LABEL, np.uint8)
+            probs = np.zeros((len(self.class_names), *rgb.shape[:2]), np.float32)
+            for block in self._stitch(scene, store, options, progress=False):
+                rows, cols = block.window.toslices()
+                labels[rows, cols] = block.labels
+                probs[:, rows, cols] = block.probs
+        return labels, probs
+
+    def segment_file(self, path: str | Path, out: str | Path, options: SceneOptions = SceneOptions(), *,
+                     bands: Sequence[int] | None = None, probabilities: str | Path | None = None,
+                     vector: str | Path | None = None, preview: str | Path | None = None,
+                     report: str | Path | None = None, workdir: str | Path | None = None, resume: bool = True,
+                     keep_workdir: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+        """Segment a raster file into a class-map COG (+ optional outputs); returns the report dict.
+
+        ``report`` defaults to ``OUT`` with the suffix ``.json``. Every output is checked before any work and
+        written atomically. The work directory (default ``~/.cache/coninfer/work``) keeps the store of an
+        unfinished run so that a second call with the same input and settings resumes it.
+        """
+        started = time.perf_counter()
+        out = Path(out)
+        report = Path(report) if report else out.with_suffix(".json")
+        outputs = {"class_map": out, "probabilities": probabilities, "vector": vector, "preview": preview,
+                   "report": report}
+        outputs = {name: Path(value) for name, value in outputs.items() if value}
+        for target in outputs.values():
+            write.check_output_path(target, overwrite=overwrite, inputs=[path])
+        if len(set(outputs.values())) != len(outputs):
+            raise InputError("two outputs share one path", hint="give each output its own file name")
+        if vector is not None and Path(vector).suffix.lower() not in (".gpkg", ".geojson", ".json"):
+            raise InputError(f"--vector {vector}: unknown extension", hint="use a .gpkg or .geojson file name")
+        scene = read.open_scene(path, bands=bands)
+        if read.scene_is_empty(scene):
+            raise InputError(f"{path} is entirely nodata", hint="check the nodata value / mask of the input")
+        folder = self._workdir(scene, options, workdir)
+        timings = {}
+        store = self._prepare(scene, options, folder, resume=resume, progress=progress, timings=timings)
+        class_names = list(self.class_names)
+        counts = np.zeros(len(class_names), np.int64)
+        tick = time.perf_counter()
+        prob_writer = write.ProbabilityWriter(outputs["probabilities"], scene.georef, class_names) \
+            if "probabilities" in outputs else None
+        with write.ClassMapWriter(out, scene.georef, class_names) as class_writer:
+            if prob_writer is not None:
+                prob_writer.__enter__()
+            try:
+                for block in self._stitch(scene, store, options, progress=progress):
+                    class_writer.write(block.window, block.labels)
+                    counts += write.count_classes(block.labels, len(class_names))
+                    if prob_writer is not None:
+                        prob_writer.write(block.window, block.probs, block.valid)
+            except BaseException as error:
+                if prob_writer is not None:
+                    prob_writer.__exit__(type(error), error, error.__traceback__)
+                raise
+            if prob_writer is not None:
+                prob_writer.__exit__(None, None, None)
+        timings["stitch_write_s"] = time.perf_counter() - tick
+        if "vector" in outputs:
+            tick = time.perf_counter()
+            write.write_vectors(outputs["vector"], out, class_names)
+            timings["vector_s"] = time.perf_counter() - tick
+        if "preview" in outputs:
+            import rasterio
+
+            rgb, _ = read.read_overview(scene, max_size=1024)
+            with rasterio.open(out) as src:
+                labels = src.read(1, out_shape=rgb.shape[1:], resampling=rasterio.enums.Resampling.nearest)
+            write.write_preview(outputs["preview"], rgb, labels, class_names)
+        timings["total_s"] = time.perf_counter() - started
+        summary = self._report(scene, options, counts, outputs, timings, store)
+        write.write_report(report, summary)
+        if not keep_workdir:
+            shutil.rmtree(folder, ignore_errors=True)
+        return summary
+
+    # -- passes -----------------------------------------------------------------------------------------------
+
+    def _workdir(self, scene, options: SceneOptions, workdir: str | Path | None) -> Path:
+        root = Path(workdir) if workdir else Path(os.environ.get("CONINFER_CACHE", Path.home() / ".cache" / "coninfer")) / "work"
+        stat = scene.path.stat()
+        key = json.dumps({
+            "input": str(scene.path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
+            "bands": scene.bands, "options": asdict(options), "settings": asdict(self.settings),
+            "models": self.model_names, "queries": list(self.models.classes.queries), "version": _STORE_VERSION,
+        }, sort_keys=True, default=str)
+        return root / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+    def _prepare(self, scene, options: SceneOptions, folder: Path, *, resume: bool, progress: bool,
+                 timings: dict | None = None) -> TileStore:
+        """Passes 1 and 2: encode every tile into the store, then solve the context; resumes a killed run."""
+        timings = {} if timings is None else timings
+        if folder.exists() and not resume:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        grid = TileGrid(scene.width, scene.height, options.tile_size, options.overlap)
+        patches = self.models.grid_size(self.settings.model_res) ** 2
+        store = TileStore(folder, len(grid), patches, len(self.models.classes.queries))
+        tick = time.perf_counter()
+        self._encode_pass(scene, grid, store, options, progress)
+        timings["encode_s"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        if not store.state["solved"]:
+            self._solve_pass(store, options)
+            store.commit(store.state["next_tile"], solved=True)
+        timings["solve_s"] = time.perf_counter() - tick
+        return store
+
+    def _encode_pass(self, scene, grid: TileGrid, store: TileStore, options: SceneOptions, progress: bool) -> None:
+        from tqdm import tqdm
+
+        start = store.state["next_tile"]
+        bar = tqdm(total=len(grid), initial=start, unit="tile", disable=not progress, desc="encode",
+                   dynamic_ncols=True)
+        batch_size = options.batch_size
+        with scene.open() as src:
+            for first in range(start, len(grid), options.batch_size):
+                indices = list(range(first, min(first + options.batch_size, len(grid))))
+                tiles, kept, empty, masks = [], [], [], []
+                for index in indices:
+                    rgb, valid = read.read_window(scene, grid.window(index), src=src)
+                    if not valid.any():
+                        empty.append(index)
+                        continue
+                    tiles.append(torch.from_numpy(rgb))
+                    kept.append(index)
+                    masks.append(valid)
+                if tiles:
+                    logits, features, batch_size = self._encode_adaptive(tiles, batch_size)
+                    patch_valid = np.stack([_patch_validity(mask, self.models.grid_size(self.settings.model_res))
+                                            for mask in masks])
+                    store.put(kept, logits, features, patch_valid)
+                store.commit(indices[-1] + 1, empty)
+                bar.update(len(indices))
+        bar.close()
+
+    def _encode_adaptive(self, tiles: list[torch.Tensor], batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Encode in sub-batches of ``batch_size``, halving it on CUDA out-of-memory (kept for later groups)."""
+        while True:
+            try:
+                parts = [encode_tiles(self.models, tiles[i : i + batch_size], self.settings)
+                         for i in range(0, len(tiles), batch_size)]
+                logits = torch.cat([p[0] for p in parts]).cpu().numpy()
+                features = torch.cat([p[1] for p in parts]).float().cpu().numpy()
+                return logits, features, batch_size
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                torch.cuda.empty_cache()
+                logger.warning("CUDA out of memory: continuing with batch size %d", batch_size)
+
+    def _solve_pass(self, store: TileStore, options: SceneOptions) -> None:
+        empty = set(store.state["empty"])
+        tiles = [i for i in range(store.shape[0]) if i not in empty]
+        if options.context == "none" or self.settings.method == "baseline":
+            for group in _groups(tiles, options.solver_chunk_tiles):
+                logits = torch.from_numpy(np.asarray(store.logits[group]))
+                store.z[group] = torch.softmax(self.settings.prior_scale * logits, -1).numpy()
+            return
+        size = len(tiles) if options.context == "scene" else options.context_size
+        for context in _groups(tiles, size):
+            self._solve_context(store, context, options.solver_chunk_tiles)
+
+    def _solve_context(self, store: TileStore, tiles: list[int], chunk_tiles: int) -> None:
+        """One mixture over ``tiles``, streamed from the store in chunks; z written back to the store."""
+        solver_settings = self.settings.solver_settings()
+        device = self.models.device
+
+        def fit_chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for group in _groups(tiles, chunk_tiles):
+                valid = np.asarray(store.valid[group]).astype(bool).reshape(-1)  # (n*P,)
+                logits = np.asarray(store.logits[group]).reshape(-1, store.num_queries)[valid]
+                features = np.asarray(store.features[group]).reshape(valid.shape[0], -1)[valid]
+                if len(logits):
+                    yield torch.from_numpy(logits).to(device), torch.from_numpy(features).to(device)
+
+        if sum(int(np.asarray(store.valid[g]).sum()) for g in _groups(tiles, chunk_tiles)) < solver_settings.init_topk:
+            raise InputError("too few valid patches to fit the context", hint="use --context none or a larger scene")
+        fit = fit_context(fit_chunks, solver_settings)
+        for group in _groups(tiles, chunk_tiles):
+            logits = torch.from_numpy(np.asarray(store.logits[group]).reshape(-1, store.num_queries)).to(device)
+            features = torch.from_numpy(np.asarray(store.features[group]).reshape(logits.shape[0], -1)).to(device)
+            z = assign(logits, features, fit.state, solver_settings)
+            store.z[group] = z.cpu().numpy().reshape(len(group), -1, store.num_queries)
+
+    def _stitch(self, scene, store: TileStore, options: SceneOptions, *, progress: bool):
+        """Pass 3: yield final blocks (window, labels, probs, valid) band by band, in row order."""
+        from tqdm import tqdm
+
+        grid = TileGrid(scene.width, scene.height, options.tile_size, options.overlap)
+        side = self.models.grid_size(self.settings.model_res)
+        empty = set(store.state["empty"])
+        num_classes = len(self.class_names)
+        stitcher = BandStitcher(grid, num_classes)
+        bar = tqdm(total=len(grid), unit="tile", disable=not progress, desc="stitch", dynamic_ncols=True)
+        thresholds = {"prob_thd": self.settings.prob_thd, "bg_index": self.settings.bg_idx}
+        with scene.open() as src:
+            for index in range(len(grid)):
+                probs = valid = None
+                if index not in empty:
+                    z = torch.from_numpy(np.asarray(store.z[index]))  # (P, K)
+                    probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
+                                                self.models.classes.query_to_class, self.settings.logit_scale)
+                    probs = probs[0].numpy()
+                    _, valid = read.read_window(scene, grid.window(index), src=src)
+                yield from stitcher.add(index, probs, valid, **thresholds)
+                bar.update(1)
+        bar.close()
+
+    def _report(self, scene, options, counts, outputs, timings, store) -> dict:
+        empty = len(store.state["empty"])
+        tiles = store.shape[0]
+        encode_s = timings.get("encode_s", 0.0)
+        return {
+            "input": str(scene.path),
+            "outputs": {name: str(path) for name, path in outputs.items()},
+            "crs": scene.georef.crs.to_string() if scene.georef.crs else None,
+            "size": {"width": scene.width, "height": scene.height},
+            "classes": [{**row} for row in write.class_statistics(counts, list(self.class_names), scene.georef)],
+            "queries": list(self.models.classes.queries),
+            "settings": {"scene": asdict(options), "inference": asdict(self.settings), "models": self.model_names,
+                         "bands": list(scene.bands), "device": str(self.models.device),
+                         "dtype": str(self.models.dtype).replace("torch.", "")},
+            "tiles": {"total": tiles, "empty": empty, "encoded": tiles - empty,
+                      "tiles_per_s": round((tiles - empty) / encode_s, 3) if encode_s > 0 else None},
+            "timings_s": {name: round(value, 3) for name, value in timings.items()},
+        }
+
+
+def _groups(items: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def _patch_validity(valid: np.ndarray, side: int) -> np.ndarray:
+    """(side*side,) uint8: 1 where at least half of the patch's source pixels are valid."""
+    height, width = valid.shape
+    rows = np.minimum((np.arange(height) * side) // height, side - 1)
+    cols = np.minimum((np.arange(width) * side) // width, side - 1)
+    flat = (rows[:, None] * side + cols[None, :]).ravel()
+    total = np.bincount(flat, minlength=side * side)
+    good = np.bincount(flat, weights=valid.ravel().astype(np.float64), minlength=side * side)
+    return (good * 2 >= total).astype(np.uint8)
+
+
+def _as_class_list(classes: ClassList | str | Sequence[str]) -> ClassList:
+    if isinstance(classes, ClassList):
+        return classes
+    if isinstance(classes, str):
+        return ClassList.parse(classes)
+    return ClassList.from_names(list(classes))

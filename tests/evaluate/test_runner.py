@@ -1,0 +1,159 @@
+"""evaluate_dataset: batching, limit, resume after interruption, and agreement with an independent metric."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from coninfer.errors import InputError
+from coninfer.evaluate.runner import EvalResult, evaluate_dataset
+from coninfer.evaluate.specs import load_dataset_spec
+
+N_IMAGES = 7
+
+
+@pytest.fixture
+def loveda_root(tmp_path):
+    """A converted LoveDA (reduce_zero_label) whose images carry their stored label in channel 0."""
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        stored = rng.integers(0, 7, (5, 6)).astype(np.uint8)  # class 7 (agricultural) never occurs
+        image = np.stack([stored, rng.integers(0, 256, (5, 6)), np.full((5, 6), i)], axis=-1).astype(np.uint8)
+        for folder, array in (("img_dir/val", image), ("ann_dir/val", stored)):
+            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(tmp_path / folder / f"{3000 + i}.png")
+    return tmp_path
+
+
+def oracle(images):
+    """Ground truth: stored k -> k-1; stored 0 is ignored anyway, predict 0 there."""
+    return [np.maximum(image[..., 0].astype(int) - 1, 0) for image in images]
+
+
+def noisy(images):
+    return [image[..., 1].astype(int) % 7 for image in images]
+
+
+def independent_miou(root, limit=N_IMAGES):
+    inter, pred_area, label_area = np.zeros(7), np.zeros(7), np.zeros(7)
+    for i in range(limit):
+        image = np.asarray(Image.open(root / "img_dir/val" / f"{3000 + i}.png"))
+        stored = np.asarray(Image.open(root / "ann_dir/val" / f"{3000 + i}.png")).astype(int)
+        keep = stored != 0
+        label, pred = stored[keep] - 1, (image[..., 1].astype(int) % 7)[keep]
+        for c in range(7):
+            inter[c] += np.sum((label == c) & (pred == c))
+            pred_area[c] += np.sum(pred == c)
+            label_area[c] += np.sum(label == c)
+    union = pred_area + label_area - inter
+    return 100 * np.nanmean(np.where(union > 0, inter / np.where(union > 0, union, 1), np.nan))
+
+
+def test_ground_truth_scores_100(loveda_root):
+    result = evaluate_dataset(load_dataset_spec("LoveDA"), loveda_root, oracle, context_size=3, progress=False)
+    assert result.value == pytest.approx(100.0)
+    assert result.aacc == pytest.approx(100.0)
+    assert result.per_class["agricultural"] is None  # absent from prediction and ground truth
+    assert result.n_images == N_IMAGES and result.metric == "mIoU"
+
+
+def test_random_predictions_match_independent_metric(loveda_root):
+    result = evaluate_dataset("loveda", loveda_root, noisy, context_size=3, progress=False)
+    assert result.value == pytest.approx(independent_miou(loveda_root))
+
+
+def test_batches_follow_file_order_and_context_size(loveda_root):
+    seen = []
+
+    def record(images):
+        seen.append([int(image[0, 0, 2]) for image in images])
+        return noisy(images)
+
+    evaluate_dataset("LoveDA", loveda_root, record, context_size=3, progress=False)
+    assert seen == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_limit_takes_the_first_images(loveda_root):
+    seen = []
+
+    def record(images):
+        seen.extend(int(image[0, 0, 2]) for image in images)
+        return noisy(images)
+
+    result = evaluate_dataset("LoveDA", loveda_root, record, context_size=2, limit=3, progress=False)
+    assert seen == [0, 1, 2] and result.n_images == 3
+    assert result.value == pytest.approx(independent_miou(loveda_root, limit=3))
+
+
+def test_resume_after_interruption_gives_the_same_result(loveda_root, tmp_path):
+    state = tmp_path / "state" / "loveda.json"
+    calls = []
+
+    def failing(images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return noisy(images)
+
+    with pytest.raises(RuntimeError):
+        evaluate_dataset("LoveDA", loveda_root, failing, context_size=3, state_path=state, progress=False)
+    assert json.loads(state.read_text())["n_done"] == 3
+
+    resumed_calls = []
+
+    def counting(images):
+        resumed_calls.append(len(images))
+        return noisy(images)
+
+    resumed = evaluate_dataset("LoveDA", loveda_root, counting, context_size=3, state_path=state, progress=False)
+    assert resumed_calls == [3, 1]
+    fresh = evaluate_dataset("LoveDA", loveda_root, noisy, context_size=3, progress=False)
+    assert resumed.to_dict() == fresh.to_dict()
+
+
+def test_state_of_other_settings_is_refused(loveda_root, tmp_path):
+    state = tmp_path / "state.json"
+    evaluate_dataset("LoveDA", loveda_root, noisy, context_size=3, state_path=state, progress=False)
+    with pytest.raises(InputError, match="context_size") as info:
+        evaluate_dataset("LoveDA", loveda_root, noisy, context_size=4, state_path=state, progress=False)
+    assert "delete" in info.value.hint
+
+
+def test_finished_state_needs_no_prediction(loveda_root, tmp_path):
+    state = tmp_path / "state.json"
+    first = evaluate_dataset("LoveDA", loveda_root, noisy, state_path=state, progress=False, settings={"prob_thd": 0.8})
+
+    def never(images):
+        raise AssertionError("nothing left to predict")
+
+    again = evaluate_dataset("LoveDA", loveda_root, never, state_path=state, progress=False, settings={"prob_thd": 0.8})
+    assert again == first
+    assert again.settings == {"context_size": 50, "limit": None, "prob_thd": 0.8}
+
+
+def test_wrong_prediction_shape_is_refused(loveda_root):
+    with pytest.raises(InputError, match="resolution"):
+        evaluate_dataset("LoveDA", loveda_root, lambda images: [np.zeros((2, 2), int) for _ in images], progress=False)
+    with pytest.raises(InputError, match="maps for"):
+        evaluate_dataset("LoveDA", loveda_root, lambda images: [], progress=False)
+
+
+def test_single_class_value_is_foreground_iou(tmp_path):
+    for folder, suffix, array in (("image_cvt", ".jpg", np.zeros((4, 4, 3), np.uint8)),
+                                  ("label_cvt", ".png", np.array([[0, 1, 1, 0]] * 4, np.uint8))):  # fmt: skip
+        (tmp_path / folder).mkdir()
+        Image.fromarray(array).save(tmp_path / folder / f"1{suffix}")
+    result = evaluate_dataset("DeepGlobe", tmp_path, lambda images: [np.array([[0, 1, 0, 0]] * 4)], progress=False)
+    assert result.metric == "IoU_foreground"
+    assert result.value == pytest.approx(50.0)
+    assert result.per_class == {"background": pytest.approx(100 * 8 / 12), "road": pytest.approx(50.0)}
+
+
+def test_result_dict_round_trip():
+    result = EvalResult("UDD5", "ConInfer", "mIoU", 46.0, {"vegetation": 50.0, "other": None}, 80.0, 3, {"a": 1})
+    data = result.to_dict()
+    assert set(data) == {"dataset", "method", "metric", "value", "per_class", "aAcc", "n_images", "settings"}
+    assert EvalResult.from_dict(json.loads(json.dumps(data))) == result

@@ -1,0 +1,103 @@
+"""Synthetic rasters for the raster tests, written on demand into a test's tmp_path (seeded, tiny).
+
+All georeferenced ones use EPSG:25832 (metres) at 0.5 m with an origin near Köln, and sizes that are not
+square and not multiples of the test tile sizes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from PIL import Image
+from rasterio.enums import ColorInterp
+
+CRS = "EPSG:25832"
+TRANSFORM = Affine(0.5, 0.0, 346000.0, 0.0, -0.5, 5648000.0)
+WIDTH, HEIGHT = 75, 53
+NODATA_COLS = 10
+"""The uint16 raster's first NODATA_COLS columns are nodata; the RGBA and masked rasters' too."""
+
+
+def _profile(count: int, dtype: str, **extra) -> dict:
+    profile = {
+        "driver": "GTiff",
+        "width": WIDTH,
+        "height": HEIGHT,
+        "count": count,
+        "dtype": dtype,
+        "crs": CRS,
+        "transform": TRANSFORM,
+    }
+    return {**profile, **extra}
+
+
+def rgb_uint8(path: Path, *, seed: int = 0) -> np.ndarray:
+    """3-band uint8 GeoTIFF without nodata; returns its (3, H, W) pixels."""
+    data = np.random.default_rng(seed).integers(0, 256, (3, HEIGHT, WIDTH), dtype=np.uint8)
+    with rasterio.open(path, "w", **_profile(3, "uint8")) as dst:
+        dst.write(data)
+    return data
+
+
+def multispectral_uint16(path: Path, *, count: int = 4, nodata: int = 0, seed: int = 0) -> np.ndarray:
+    """``count``-band uint16 GeoTIFF with nodata in the first NODATA_COLS columns; band b (1-based) holds
+    values around 1000 * b so band order is visible after the stretch. Returns (count, H, W)."""
+    rng = np.random.default_rng(seed)
+    data = np.stack([rng.integers(1000 * b, 1000 * b + 500, (HEIGHT, WIDTH)) for b in range(1, count + 1)])
+    data = data.astype(np.uint16)
+    data[:, :, :NODATA_COLS] = nodata
+    with rasterio.open(path, "w", **_profile(count, "uint16", nodata=nodata)) as dst:
+        dst.write(data)
+    return data
+
+
+def rgba_uint8(path: Path, *, seed: int = 0) -> np.ndarray:
+    """4-band uint8 GeoTIFF whose band 4 is alpha (0 in the first NODATA_COLS columns). Returns (4, H, W)."""
+    data = np.random.default_rng(seed).integers(1, 256, (4, HEIGHT, WIDTH), dtype=np.uint8)
+    data[3] = 255
+    data[3, :, :NODATA_COLS] = 0
+    with rasterio.open(path, "w", **_profile(4, "uint8", photometric="RGB", alpha="YES")) as dst:
+        dst.write(data)
+        dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+    return data
+
+
+def masked_uint8(path: Path, *, seed: int = 0) -> np.ndarray:
+    """3-band uint8 GeoTIFF with an internal dataset mask (invalid: first NODATA_COLS columns)."""
+    data = np.random.default_rng(seed).integers(0, 256, (3, HEIGHT, WIDTH), dtype=np.uint8)
+    mask = np.full((HEIGHT, WIDTH), 255, np.uint8)
+    mask[:, :NODATA_COLS] = 0
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **_profile(3, "uint8")) as dst:
+        dst.write(data)
+        dst.write_mask(mask)
+    return data
+
+
+def single_band(
+    path: Path, *, dtype: str = "uint8", seed: int = 0, nodata: float | None = None
+) -> np.ndarray:
+    """1-band GeoTIFF; returns (1, H, W)."""
+    data = np.random.default_rng(seed).integers(0, 200, (1, HEIGHT, WIDTH)).astype(dtype)
+    with rasterio.open(path, "w", **_profile(1, dtype, nodata=nodata)) as dst:
+        dst.write(data)
+    return data
+
+
+def nodata_only(path: Path) -> None:
+    """3-band uint16 GeoTIFF in which every pixel is nodata."""
+    with rasterio.open(path, "w", **_profile(3, "uint16", nodata=0)) as dst:
+        dst.write(np.zeros((3, HEIGHT, WIDTH), np.uint16))
+
+
+def plain_png(path: Path, *, rgba: bool = False, seed: int = 0) -> np.ndarray:
+    """PNG without georeferencing (RGB, or RGBA with alpha 0 in the first NODATA_COLS columns).
+    Returns (bands, H, W)."""
+    data = np.random.default_rng(seed).integers(0, 256, (HEIGHT, WIDTH, 4 if rgba else 3), dtype=np.uint8)
+    if rgba:
+        data[..., 3] = 255
+        data[:, :NODATA_COLS, 3] = 0
+    Image.fromarray(data, "RGBA" if rgba else "RGB").save(path)
+    return np.moveaxis(data, -1, 0)

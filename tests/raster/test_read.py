@@ -1,0 +1,217 @@
+"""Tests of coninfer.raster.read: scene metadata, windowed reads, masks, stretch and bad inputs."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import rasters
+from affine import Affine
+from PIL import Image
+from rasterio.windows import Window
+
+from conftest import require_shared
+from coninfer.errors import InputError, InputFileError
+from coninfer.raster import Georef, open_scene, parse_bands, read_overview, read_window, scene_is_empty
+
+H, W, NODATA_COLS = rasters.HEIGHT, rasters.WIDTH, rasters.NODATA_COLS
+FULL = Window(0, 0, W, H)
+
+
+@pytest.fixture(scope="module")
+def koeln_tif() -> Path:
+    """The real 1000 x 1000 RGB sample in ../shared/data (skips when absent, see conftest)."""
+    return require_shared("data") / "oem_koeln_50.tif"
+
+
+class TestOpenScene:
+    def test_rgb_uint8_metadata(self, tmp_path: Path) -> None:
+        rasters.rgb_uint8(tmp_path / "a.tif")
+        scene = open_scene(tmp_path / "a.tif")
+        assert (scene.width, scene.height) == (W, H)
+        assert scene.crs.to_epsg() == 25832
+        assert scene.transform == rasters.TRANSFORM
+        assert scene.res == (0.5, 0.5)
+        assert scene.bands == (1, 2, 3)
+        assert scene.dtype == "uint8" and scene.stretch is None
+        assert scene.nodata is None and not scene.has_alpha
+        assert scene.is_projected and scene.linear_units == "metre"
+        assert scene.georef.pixel_area == 0.25 and scene.georef.area_unit == "m2"
+        assert scene.valid_fraction == 1.0 and not scene_is_empty(scene)
+        profile = scene.profile
+        assert (profile["width"], profile["height"], profile["count"], profile["nodata"]) == (W, H, 1, 255)
+
+    def test_band_selection_and_stretch(self, tmp_path: Path) -> None:
+        rasters.multispectral_uint16(tmp_path / "ms.tif")
+        scene = open_scene(tmp_path / "ms.tif", bands=[3, 2, 1])
+        assert scene.bands == (3, 2, 1) and scene.dtype == "uint16" and scene.nodata == 0
+        # percentiles exclude nodata (0): band b holds 1000*b .. 1000*b+499
+        for (low, high), band in zip(scene.stretch, (3, 2, 1), strict=True):
+            assert 1000 * band <= low < high <= 1000 * band + 499
+        assert scene.valid_fraction == pytest.approx((W - NODATA_COLS) / W, abs=0.02)
+
+    def test_single_band_is_grey(self, tmp_path: Path) -> None:
+        data = rasters.single_band(tmp_path / "g.tif")
+        scene = open_scene(tmp_path / "g.tif", bands=[1])
+        rgb, valid = read_window(scene, FULL)
+        assert scene.bands == (1, 1, 1) and valid.all()
+        np.testing.assert_array_equal(rgb, np.repeat(data, 3, axis=0))
+
+    def test_png_without_georeferencing(self, tmp_path: Path) -> None:
+        data = rasters.plain_png(tmp_path / "p.png")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # NotGeoreferencedWarning must be silenced
+            scene = open_scene(tmp_path / "p.png")
+            rgb, valid = read_window(scene, FULL)
+        assert scene.crs is None and scene.transform == Affine.identity()
+        assert not scene.is_projected and scene.georef.area_unit == "pixel" and scene.georef.pixel_area == 1.0
+        np.testing.assert_array_equal(rgb, data)
+        assert valid.all()
+
+    def test_jpeg(self, tmp_path: Path) -> None:
+        rows, cols = np.mgrid[0:H, 0:W]
+        smooth = np.stack([rows * 4, cols * 3, rows + cols]).astype(np.uint8)  # JPEG keeps gradients well
+        Image.fromarray(np.moveaxis(smooth, 0, -1)).save(tmp_path / "p.jpg", quality=95)
+        scene = open_scene(tmp_path / "p.jpg")
+        rgb, valid = read_window(scene, FULL)
+        assert scene.driver == "JPEG" and scene.crs is None and valid.all()
+        assert np.abs(rgb.astype(int) - smooth).mean() < 3
+
+    def test_rgba_png_alpha_is_the_mask(self, tmp_path: Path) -> None:
+        data = rasters.plain_png(tmp_path / "p.png", rgba=True)
+        scene = open_scene(tmp_path / "p.png")
+        rgb, valid = read_window(scene, FULL)
+        assert scene.has_alpha and scene.alpha_band == 4 and scene.bands == (1, 2, 3)
+        assert not valid[:, :NODATA_COLS].any() and valid[:, NODATA_COLS:].all()
+        np.testing.assert_array_equal(rgb[:, :, NODATA_COLS:], data[:3, :, NODATA_COLS:])
+        assert not rgb[:, :, :NODATA_COLS].any()
+
+    def test_feet_crs_area_in_square_metres(self, tmp_path: Path) -> None:
+        georef = Georef(10, 10, rasterio.crs.CRS.from_epsg(2263), Affine(2.0, 0, 0, 0, -2.0, 0))
+        assert georef.linear_units == "US survey foot"
+        assert georef.pixel_area == pytest.approx(4 * 0.3048006096**2)
+
+    def test_real_sample(self, koeln_tif: Path) -> None:
+        scene = open_scene(koeln_tif)
+        assert (scene.width, scene.height, scene.crs.to_epsg(), scene.res) == (1000, 1000, 25832, (0.5, 0.5))
+        rgb, valid = read_window(scene, Window(900, 900, 200, 200))
+        assert rgb.shape == (3, 200, 200) and valid[:100, :100].all() and not valid[100:, :].any()
+
+
+class TestReadWindow:
+    def test_uint8_as_is(self, tmp_path: Path) -> None:
+        data = rasters.rgb_uint8(tmp_path / "a.tif")
+        scene = open_scene(tmp_path / "a.tif")
+        rgb, valid = read_window(scene, Window(5, 7, 20, 11))
+        np.testing.assert_array_equal(rgb, data[:, 7:18, 5:25])
+        assert rgb.dtype == np.uint8 and valid.dtype == bool and valid.all()
+
+    def test_stretch_and_nodata(self, tmp_path: Path) -> None:
+        data = rasters.multispectral_uint16(tmp_path / "ms.tif")
+        scene = open_scene(tmp_path / "ms.tif", bands=[3, 2, 1])
+        rgb, valid = read_window(scene, FULL)
+        assert not valid[:, :NODATA_COLS].any() and valid[:, NODATA_COLS:].all()
+        assert not rgb[:, :, :NODATA_COLS].any()
+        inside = rgb[:, :, NODATA_COLS:].reshape(3, -1)
+        # stretched to the full 8-bit range, about 2 % clipped at each end
+        assert inside.min() == 0 and inside.max() == 255
+        assert 0.01 < (inside == 0).mean() < 0.04 and 0.01 < (inside == 255).mean() < 0.04
+        # R comes from band 3: ordering of its values is kept
+        source = data[2, :, NODATA_COLS:].ravel()
+        assert np.corrcoef(source, inside[0])[0, 1] > 0.99
+
+    def test_alpha_band_mask(self, tmp_path: Path) -> None:
+        rasters.rgba_uint8(tmp_path / "rgba.tif")
+        scene = open_scene(tmp_path / "rgba.tif")
+        _, valid = read_window(scene, FULL)
+        assert scene.alpha_band == 4 and scene.bands == (1, 2, 3)
+        assert not valid[:, :NODATA_COLS].any() and valid[:, NODATA_COLS:].all()
+
+    def test_internal_mask(self, tmp_path: Path) -> None:
+        rasters.masked_uint8(tmp_path / "m.tif")
+        scene = open_scene(tmp_path / "m.tif")
+        _, valid = read_window(scene, FULL)
+        assert not valid[:, :NODATA_COLS].any() and valid[:, NODATA_COLS:].all()
+
+    def test_window_past_edge_is_padded(self, tmp_path: Path) -> None:
+        data = rasters.rgb_uint8(tmp_path / "a.tif")
+        scene = open_scene(tmp_path / "a.tif")
+        with scene.open() as src:
+            rgb, valid = read_window(scene, Window(W - 10, H - 5, 32, 32), src=src)
+        assert rgb.shape == (3, 32, 32) and valid.shape == (32, 32)
+        np.testing.assert_array_equal(rgb[:, :5, :10], data[:, H - 5 :, W - 10 :])
+        assert valid[:5, :10].all() and valid.sum() == 50
+        assert not rgb[:, 5:, :].any() and not rgb[:, :, 10:].any()
+
+    def test_window_outside_is_all_invalid(self, tmp_path: Path) -> None:
+        rasters.rgb_uint8(tmp_path / "a.tif")
+        rgb, valid = read_window(open_scene(tmp_path / "a.tif"), Window(W + 5, 0, 8, 8))
+        assert rgb.shape == (3, 8, 8) and not rgb.any() and not valid.any()
+
+    def test_overview(self, tmp_path: Path) -> None:
+        rasters.multispectral_uint16(tmp_path / "ms.tif")
+        scene = open_scene(tmp_path / "ms.tif")
+        rgb, valid = read_overview(scene, max_size=25)
+        assert rgb.shape == (3, 18, 25) and valid.shape == (18, 25)
+        assert not valid[:, :3].any() and valid[:, 4:].all()
+
+
+class TestBadInput:
+    def test_missing_file(self, tmp_path: Path) -> None:
+        with pytest.raises(InputFileError, match="does not exist") as info:
+            open_scene(tmp_path / "nope.tif")
+        assert isinstance(info.value, FileNotFoundError) and "nope.tif" in str(info.value)
+
+    def test_folder(self, tmp_path: Path) -> None:
+        with pytest.raises(InputFileError, match="is a folder"):
+            open_scene(tmp_path)
+
+    def test_not_a_raster(self, tmp_path: Path) -> None:
+        (tmp_path / "notes.tif").write_text("hello, not a raster\n")
+        with pytest.raises(InputFileError, match="cannot read .*notes.tif as a raster") as info:
+            open_scene(tmp_path / "notes.tif")
+        assert info.value.hint and "\n" not in str(info.value)
+
+    def test_truncated_tiff(self, tmp_path: Path) -> None:
+        rasters.multispectral_uint16(tmp_path / "ms.tif")
+        content = (tmp_path / "ms.tif").read_bytes()
+        (tmp_path / "cut.tif").write_bytes(content[: len(content) // 2])
+        with pytest.raises(InputFileError, match="cannot read"):
+            open_scene(tmp_path / "cut.tif")
+
+    def test_too_few_bands(self, tmp_path: Path) -> None:
+        rasters.single_band(tmp_path / "g.tif")
+        with pytest.raises(InputError, match="has 1 colour band") as info:
+            open_scene(tmp_path / "g.tif")
+        assert "--bands" in info.value.hint
+
+    def test_band_out_of_range(self, tmp_path: Path) -> None:
+        rasters.multispectral_uint16(tmp_path / "ms.tif")
+        with pytest.raises(InputError, match=r"band 5 is out of range: .* has bands 1\.\.4") as info:
+            open_scene(tmp_path / "ms.tif", bands=[5, 2, 1])
+        assert "1-based" in info.value.hint
+        with pytest.raises(InputError, match="band 0 is out of range"):
+            open_scene(tmp_path / "ms.tif", bands=[0, 1, 2])
+
+    def test_duplicate_band(self, tmp_path: Path) -> None:
+        rasters.multispectral_uint16(tmp_path / "ms.tif")
+        with pytest.raises(InputError, match="band 2 is listed twice"):
+            open_scene(tmp_path / "ms.tif", bands=[2, 2, 1])
+
+    def test_wrong_number_of_bands(self, tmp_path: Path) -> None:
+        rasters.multispectral_uint16(tmp_path / "ms.tif")
+        with pytest.raises(InputError, match="needs 1 or 3 band indexes, got 2"):
+            open_scene(tmp_path / "ms.tif", bands=[1, 2])
+
+    def test_parse_bands(self) -> None:
+        assert parse_bands("3,2,1") == (3, 2, 1)
+        with pytest.raises(InputError, match="not a comma-separated list"):
+            parse_bands("r,g,b")
+
+    def test_entirely_nodata(self, tmp_path: Path) -> None:
+        rasters.nodata_only(tmp_path / "empty.tif")
+        scene = open_scene(tmp_path / "empty.tif")
+        assert scene_is_empty(scene) and scene.valid_fraction == 0.0

@@ -1,0 +1,283 @@
+"""Tests of coninfer.raster.tiles: grid arithmetic, blend weights and the band-wise stitcher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rasterio.windows import Window
+
+from coninfer.raster import (
+    NODATA_LABEL,
+    BandStitcher,
+    StitchedBlock,
+    TileGrid,
+    blend_weights,
+    block_windows,
+)
+from coninfer.raster import tiles as tiles_module
+
+
+class TestTileGrid:
+    @pytest.mark.parametrize(
+        ("width", "height", "tile", "overlap", "cols", "rows"),
+        [(100, 100, 100, 0, 1, 1), (101, 40, 50, 10, 3, 1), (75, 53, 32, 8, 3, 2), (10, 7, 32, 8, 1, 1)],
+    )
+    def test_counts(self, width: int, height: int, tile: int, overlap: int, cols: int, rows: int) -> None:
+        grid = TileGrid(width, height, tile, overlap)
+        assert (grid.n_cols, grid.n_rows, len(grid)) == (cols, rows, cols * rows)
+        assert grid.stride == tile - overlap
+
+    @pytest.mark.parametrize(("width", "height", "tile", "overlap"), [(75, 53, 32, 8), (101, 40, 50, 0)])
+    def test_every_pixel_covered_and_edges(self, width: int, height: int, tile: int, overlap: int) -> None:
+        grid = TileGrid(width, height, tile, overlap)
+        coverage = np.zeros((height + tile, width + tile), int)
+        for window in grid.windows():
+            assert (window.width, window.height) == (tile, tile)  # edge tiles keep their size
+            coverage[window.toslices()] += 1
+        assert (coverage[:height, :width] >= 1).all()
+        last = grid.window(len(grid) - 1)
+        assert last.col_off < width <= last.col_off + tile and last.row_off < height <= last.row_off + tile
+
+    def test_row_major_index(self) -> None:
+        grid = TileGrid(75, 53, 32, 8)
+        assert grid.window(0) == Window(0, 0, 32, 32)
+        assert grid.window(1) == Window(24, 0, 32, 32)
+        assert grid.window(3) == Window(0, 24, 32, 32)
+        assert list(grid) == grid.windows()
+        with pytest.raises(IndexError, match="tile index 6 out of range"):
+            grid.window(6)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"width": 0}, "width must be >= 1"),
+            ({"tile_size": 0}, "tile_size must be >= 1"),
+            ({"overlap": 16}, "overlap must be >= 0 and < tile_size / 2"),
+            ({"overlap": -1}, "overlap must be >= 0"),
+        ],
+    )
+    def test_validation(self, kwargs: dict, message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            TileGrid(**{"width": 50, "height": 50, "tile_size": 32, "overlap": 8, **kwargs})
+
+    def test_block_windows_partition(self) -> None:
+        coverage = np.zeros((53, 75), int)
+        for window in block_windows(75, 53, 20):
+            coverage[window.toslices()] += 1
+        assert (coverage == 1).all()
+
+
+class TestBlendWeights:
+    def test_shape_positive_and_symmetric(self) -> None:
+        weights = blend_weights(32, 8)
+        assert weights.shape == (32, 32) and weights.dtype == np.float32
+        assert weights.min() == pytest.approx((0.5 / 8) ** 2) and weights.max() == 1.0
+        np.testing.assert_array_equal(weights, weights.T)
+        np.testing.assert_array_equal(weights, weights[::-1, ::-1])
+
+    def test_no_overlap_is_uniform(self) -> None:
+        assert (blend_weights(16, 0) == 1).all()
+
+    def test_partition_of_unity_inside(self) -> None:
+        grid = TileGrid(80, 80, 32, 8)
+        total = np.zeros((80 + 32, 80 + 32))
+        for window in grid:
+            total[window.toslices()] += blend_weights(32, 8)
+        # away from the raster border every pixel's weights sum to exactly 1
+        np.testing.assert_allclose(total[8:72, 8:72], 1.0, atol=1e-6)
+
+
+Blocks = list[StitchedBlock]
+
+
+def _tiles_of(grid: TileGrid, field: np.ndarray, valid: np.ndarray | None = None):
+    """Yield (probs, valid) of every tile cut from a (C, H, W) field, zero-padded and invalid past the edge
+    (``valid`` None: every tile valid everywhere)."""
+    channels, height, width = field.shape
+    padded = np.zeros((channels, height + grid.tile_size, width + grid.tile_size), np.float32)
+    padded[:, :height, :width] = field
+    padded_valid = np.zeros(padded.shape[1:], bool)
+    padded_valid[:height, :width] = True if valid is None else valid
+    for window in grid:
+        yield padded[(slice(None), *window.toslices())], None if valid is None else padded_valid[window.toslices()]
+
+
+def _run(stitcher: BandStitcher, tiles, **thresholds) -> Blocks:
+    blocks: Blocks = []
+    for index, (probs, valid) in enumerate(tiles):
+        blocks.extend(stitcher.add(index, probs, valid, **thresholds))
+    assert stitcher.done
+    return blocks
+
+
+def _assemble(blocks: Blocks, grid: TileGrid, channels: int):
+    """Full-scene (labels (H, W), probs (C, H, W), valid (H, W), times written (H, W)) from emitted blocks."""
+    labels = np.zeros((grid.height, grid.width), np.uint8)
+    probs = np.zeros((channels, grid.height, grid.width), np.float32)
+    valid = np.zeros((grid.height, grid.width), bool)
+    written = np.zeros((grid.height, grid.width), int)
+    for block in blocks:
+        rows, cols = block.window.toslices()
+        labels[rows, cols], probs[:, rows, cols], valid[rows, cols] = block.labels, block.probs, block.valid
+        written[rows, cols] += 1
+    return labels, probs, valid, written
+
+
+def _brute_force(grid: TileGrid, tiles: list) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: accumulate every tile over the whole (padded) scene at once; (probs (C, H, W), valid (H, W))."""
+    channels = next(probs.shape[0] for probs, _ in tiles if probs is not None)
+    size = grid.tile_size
+    numerator = np.zeros((channels, grid.height + size, grid.width + size), np.float64)
+    denominator = np.zeros((grid.height + size, grid.width + size), np.float64)
+    weights = blend_weights(size, grid.overlap).astype(np.float64)
+    for window, (probs, valid) in zip(grid, tiles, strict=True):
+        if probs is None:
+            continue
+        tile_weights = weights * (np.ones((size, size)) if valid is None else valid)
+        numerator[(slice(None), *window.toslices())] += tile_weights * probs
+        denominator[window.toslices()] += tile_weights
+    numerator, denominator = numerator[:, : grid.height, : grid.width], denominator[: grid.height, : grid.width]
+    covered = denominator > 0
+    return np.where(covered, numerator / np.where(covered, denominator, 1.0), 0.0), covered
+
+
+def _random_tiles(grid: TileGrid, channels: int, empty: set[int], seed: int = 0) -> list:
+    """Independent random tiles (so overlapping tiles disagree), random holes in ``valid``, ``empty`` -> None."""
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for index in range(len(grid)):
+        probs = rng.dirichlet(np.ones(channels), (grid.tile_size, grid.tile_size)).transpose(2, 0, 1)
+        valid = rng.random((grid.tile_size, grid.tile_size)) > 0.2
+        tiles.append((None, None) if index in empty else (probs.astype(np.float32), valid))
+    return tiles
+
+
+class TestBandStitcher:
+    def test_constant_tiles_give_constant_result(self) -> None:
+        grid = TileGrid(75, 53, 32, 8)
+        probs = np.array([0.2, 0.7, 0.1], np.float32)[:, None, None]
+        field = np.broadcast_to(probs, (3, 53, 75))
+        labels, stitched, valid, _ = _assemble(_run(BandStitcher(grid, 3), _tiles_of(grid, field)), grid, 3)
+        assert (labels == 1).all() and valid.all()
+        np.testing.assert_allclose(stitched, field, rtol=1e-6)
+
+    @pytest.mark.parametrize(("width", "height", "tile", "overlap"), [(75, 53, 32, 8), (90, 100, 20, 6)])
+    def test_reproduces_a_smooth_field(self, width: int, height: int, tile: int, overlap: int) -> None:
+        # every tile tells the truth, so the weighted mean must return the field exactly (no seams, no shift)
+        rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+        field = np.stack([rows / height, cols / width])
+        grid = TileGrid(width, height, tile, overlap)
+        _, stitched, valid, _ = _assemble(_run(BandStitcher(grid, 2), _tiles_of(grid, field)), grid, 2)
+        assert valid.all()
+        np.testing.assert_allclose(stitched, field, atol=1e-6)
+
+    @pytest.mark.parametrize(
+        ("width", "height", "tile", "overlap", "empty"),
+        [
+            (75, 53, 32, 8, {0, 4}),  # sizes not multiples of the stride, 3 x 2 tiles
+            (90, 100, 20, 6, {0, 7, 13, 20, 41}),  # many bands: the overlap carries through several shifts
+            (56, 56, 32, 8, {3}),  # last tile ends exactly at the edge; last tile empty
+            (101, 40, 50, 0, {1}),  # no overlap
+            (10, 7, 32, 8, set()),  # scene smaller than one tile
+        ],
+    )
+    def test_equals_brute_force_accumulation(
+        self, width: int, height: int, tile: int, overlap: int, empty: set[int]
+    ) -> None:
+        grid = TileGrid(width, height, tile, overlap)
+        tiles = _random_tiles(grid, 3, empty)
+        labels, stitched, valid, written = _assemble(_run(BandStitcher(grid, 3), tiles), grid, 3)
+        expected, covered = _brute_force(grid, tiles)
+        assert (written == 1).all()
+        np.testing.assert_array_equal(valid, covered)
+        np.testing.assert_allclose(stitched, expected, atol=1e-5)
+        top_two = np.sort(expected, axis=0)[-2:]
+        decided = covered & (top_two[1] - top_two[0] > 1e-4)  # skip near-ties that rounding may flip
+        np.testing.assert_array_equal(labels[decided], expected.argmax(axis=0)[decided])
+        assert (labels[~covered] == NODATA_LABEL).all() and (stitched[:, ~covered] == 0).all()
+        if 0 in empty and overlap:
+            # tile 0 alone covers the top-left stride x stride corner; skipped, it must stay nodata
+            assert not valid[: grid.stride, : grid.stride].any()
+
+    def test_blocks_partition_the_scene_in_row_order(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(tiles_module, "BLOCK_WIDTH", 20)  # several blocks per band
+        grid = TileGrid(75, 53, 32, 8)
+        stitcher = BandStitcher(grid, 2)
+        field = np.zeros((2, 53, 75), np.float32)
+        emitted: list[tuple[int, list[Window]]] = []
+        for index, (probs, valid) in enumerate(_tiles_of(grid, field)):
+            windows = [block.window for block in stitcher.add(index, probs, valid)]
+            if windows:
+                emitted.append((index, windows))
+        # one band per tile row, emitted with the row's last tile: rows [0, 24), then [24, 53)
+        assert [index for index, _ in emitted] == [2, 5]
+        assert emitted[0][1] == [Window(0, 0, 20, 24), Window(20, 0, 20, 24), Window(40, 0, 20, 24),
+                                 Window(60, 0, 15, 24)]
+        windows = [window for _, row in emitted for window in row]
+        assert {(w.row_off, w.height) for w in emitted[1][1]} == {(24, 29)}
+        assert [(w.row_off, w.col_off) for w in windows] == sorted((w.row_off, w.col_off) for w in windows)
+        coverage = np.zeros((53, 75), int)
+        for window in windows:
+            coverage[window.toslices()] += 1
+        assert (coverage == 1).all()
+
+    def test_order_is_enforced(self) -> None:
+        grid = TileGrid(75, 53, 32, 8)
+        stitcher = BandStitcher(grid, 2)
+        tile = np.full((2, 32, 32), 0.5, np.float32)
+        with pytest.raises(ValueError, match="row-major order: expected 0, got 1"):
+            stitcher.add(1, tile)
+        with pytest.raises(ValueError, match=r"probs must have shape \(2, 32, 32\)"):
+            stitcher.add(0, np.zeros((3, 32, 32), np.float32))
+        assert list(stitcher.add(0, tile)) == []  # the failed add did not use up index 0
+        with pytest.raises(ValueError, match="expected 1, got 0"):
+            stitcher.add(0, tile)
+        with pytest.raises(ValueError, match="expected 1, got 2"):
+            stitcher.add(2, tile)  # no gaps
+        stitcher.add(1, tile)
+        blocks = stitcher.add(2, tile)  # ends the first tile row
+        with pytest.raises(RuntimeError, match="tile row 0 were not all consumed"):
+            stitcher.add(3, tile)
+        assert len(list(blocks)) == 1
+        for index in range(3, 6):
+            list(stitcher.add(index, None))
+        assert stitcher.done
+        with pytest.raises(ValueError, match="all 6 tiles were already added"):
+            stitcher.add(6, tile)
+
+    def test_invalid_pixels_and_threshold(self) -> None:
+        field = np.zeros((3, 53, 75), np.float32)
+        field[0, :, :40] = 0.9  # confident class 0 on the left
+        field[1, :, 40:] = 0.4  # unsure class 1 on the right
+        valid = np.ones((53, 75), bool)
+        valid[:5] = False
+        grid = TileGrid(75, 53, 32, 8)
+        blocks = _run(BandStitcher(grid, 3), _tiles_of(grid, field, valid), prob_thd=0.5, bg_index=2)
+        labels, probs, stitched_valid, _ = _assemble(blocks, grid, 3)
+        assert (labels[:5] == NODATA_LABEL).all() and not stitched_valid[:5].any()
+        assert (probs[:, :5] == 0).all()
+        assert (labels[5:, :40] == 0).all() and (labels[5:, 40:] == 2).all()
+        # without a threshold the unsure class stays
+        labels, *_ = _assemble(_run(BandStitcher(grid, 3), _tiles_of(grid, field, valid)), grid, 3)
+        assert (labels[5:, 40:] == 1).all()
+
+    def test_validation(self) -> None:
+        grid = TileGrid(75, 53, 32, 8)
+        stitcher = BandStitcher(grid, 2)
+        tile = np.zeros((2, 32, 32), np.float32)
+        with pytest.raises(ValueError, match=r"valid must have shape \(32, 32\)"):
+            stitcher.add(0, tile, np.ones((32, 31), bool))
+        with pytest.raises(ValueError, match=r"prob_thd must be in \[0, 1\], got 1.5"):
+            stitcher.add(0, tile, prob_thd=1.5)
+        with pytest.raises(ValueError, match="bg_index must be in 0..1, got 2"):
+            stitcher.add(0, tile, prob_thd=0.5, bg_index=2)
+        with pytest.raises(ValueError, match="num_classes must be in 1..255"):
+            BandStitcher(grid, 256)
+        assert BandStitcher(grid, 255).num_classes == 255  # labels 0..254 leave 255 for nodata
+
+    def test_memory_is_one_band(self) -> None:
+        # a tall scene costs no more than a short one of the same width: one band of tile_size rows
+        for height in (53, 5000):
+            stitcher = BandStitcher(TileGrid(75, height, 32, 8), 4)
+            assert stitcher.band_shape == (5, 32, 75)
+            assert stitcher._band.shape == stitcher.band_shape and stitcher._band.dtype == np.float32

@@ -63,6 +63,8 @@ class InferenceSettings:
             raise InputError(f"prob_thd must be in [0, 1], got {self.prob_thd}")
         if self.logit_scale <= 0:
             raise InputError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if self.bg_idx < 0:
+            raise InputError(f"bg_idx must be a class index >= 0, got {self.bg_idx}")
         # temperature, iterations, prior_scale and init_topk are checked by SolverSettings
         self.solver_settings()
 
@@ -109,6 +111,23 @@ class Models:
         return model_res // patch
 
 
+def load_models(classes: ClassList, *, vlm: str = "clip-b16", vfm: str | None = "dinov3-l16-sat",
+                device: str = "auto", precision: str = "auto", clip_settings=None,
+                vfm_normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+                cache_dir=None) -> Models:
+    """Load the CLIP (``vlm``) and VFM (``vfm``; None when the method needs none) presets/paths and embed the
+    class queries (prompt ensemble, cached on disk)."""
+    from coninfer.encoders import presets
+    from coninfer.encoders.clip import DenseCLIPSettings
+
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(precision, torch_device)
+    clip = presets.load_vlm(vlm, device=torch_device, dtype=dtype, settings=clip_settings or DenseCLIPSettings())
+    vfm_model = presets.load_vfm(vfm, device=torch_device, dtype=dtype) if vfm else None
+    queries = clip.encode_queries(list(classes.queries), cache_dir=cache_dir)
+    return Models(clip, vfm_model, classes, queries, torch_device, dtype, vfm_normalization=vfm_normalization)
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU. An unavailable CUDA device is an error with a hint."""
     if str(device) == "auto":
@@ -117,6 +136,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as error:
         raise InputError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N") from error
+    if resolved.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r} is not supported", hint="use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} requested but CUDA is not available", hint="use --device cpu")
     return resolved
@@ -141,7 +162,7 @@ def as_tile_batch(images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> l
         images = list(images)
     tiles = []
     for index, image in enumerate(images):
-        tensor = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+        tensor = image if isinstance(image, torch.Tensor) else _shared_tensor(np.asarray(image))
         if tensor.ndim != 3 or 3 not in (tensor.shape[0], tensor.shape[-1]):
             raise InputError(f"tile {index} has shape {tuple(tensor.shape)}; expected (H, W, 3) or (3, H, W) RGB")
         if tensor.shape[0] != 3:  # from (H, W, 3) -> (3, H, W)
@@ -152,6 +173,12 @@ def as_tile_batch(images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> l
     if not tiles:
         raise InputError("no tiles given")
     return tiles
+
+
+def _shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the array's memory; a read-only array (a decoded image, a memory map) is copied first,
+    since torch tensors are always writable."""
+    return torch.as_tensor(array if array.flags.writeable else array.copy())
 
 
 def to_model_input(tiles: Sequence[torch.Tensor], size: int, normalization, device, dtype) -> torch.Tensor:
@@ -193,7 +220,8 @@ def encode_tiles(models: Models, tiles: Sequence[torch.Tensor], settings: Infere
         features = clip_tokens
     else:
         if models.vfm is None:
-            raise InputError("this method needs a VFM but none is loaded")
+            raise InputError("this method needs a VFM but none is loaded",
+                             hint="load one (--vfm), or use method='baseline' or vfm_features='clip'")
         vfm_input = to_model_input(tiles, grid * models.vfm.patch_size, models.vfm_normalization,
                                    models.device, models.dtype)
         features = models.vfm.dense_features(vfm_input)  # (B, G*G, D), unit norm

@@ -8,7 +8,8 @@ Three passes over a scene, each bounded in memory by a tile batch or a band of t
    point resumes at the first unfinished group and computes exactly the same numbers.
 2. **Solve** the chosen context: ``scene`` streams the store through the solver's sufficient-statistics API
    (one mixture over all tiles); ``batch`` fits groups of ``context_size`` tiles (the paper's setting);
-   ``none`` keeps the prior. Patches less than half valid (nodata) take no part in fitting.
+   ``none`` keeps the prior. Patches less than half valid (nodata) take no part in fitting; a context with
+   fewer valid patches than the solver's ``init_topk`` (a sliver of data at the scene edge) keeps the prior.
 3. **Stitch** tile probabilities row band by row band (:class:`~coninfer.raster.tiles.BandStitcher`), blending
    overlaps, and write the class map / probabilities window by window, then vectors, preview and report.
 """
@@ -21,18 +22,21 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-from coninfer.errors import InputError
-from coninfer.pipeline import InferenceSettings, Models, encode_tiles, resolve_device, resolve_dtype
+from coninfer.errors import InputError, InputFileError, OutputError
+from coninfer.pipeline import InferenceSettings, Models, encode_tiles, load_models
 from coninfer.postprocess import class_probabilities, patches_to_grid
-from coninfer.prompts import ClassList
+from coninfer.prompts import ClassList, default_cache_dir
 from coninfer.raster import read, write
 from coninfer.raster.tiles import NODATA_LABEL, BandStitcher, TileGrid
 from coninfer.solver import assign, fit_context
@@ -68,8 +72,9 @@ class SceneOptions:
                              hint="use an overlap smaller than half the tile size")
         if self.context not in ("scene", "batch", "none"):
             raise InputError(f"context must be scene, batch or none, got {self.context!r}")
-        if self.context_size < 1 or self.batch_size < 1 or self.solver_chunk_tiles < 1:
-            raise InputError("context_size, batch_size and solver_chunk_tiles must be >= 1")
+        for name in ("context_size", "batch_size", "solver_chunk_tiles"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1 tile, got {getattr(self, name)}")
 
 
 class TileStore:
@@ -88,6 +93,7 @@ class TileStore:
         if self.state["feature_dim"]:
             self.features = self._map("features.f16", np.float16, self.state["feature_dim"], "r+")
         self.z = self._map("z.f32", np.float32, num_queries, "r+" if self.state["solved"] else "w+")
+        self.resumed_from = self.state["next_tile"]  # tiles an earlier, interrupted run already encoded
 
     def _map(self, name: str, dtype, last: int | None, mode: str) -> np.memmap:
         shape = self.shape + ((last,) if last else ())
@@ -127,30 +133,30 @@ class Segmenter:
                  vfm: str = "dinov3-l16-sat", device: str = "auto", precision: str = "auto",
                  settings: InferenceSettings = InferenceSettings(), clip_variant: str | None = None,
                  attn_lambda: float | None = None, cache_dir: str | Path | None = None) -> None:
-        from coninfer.encoders import presets
         from coninfer.encoders.clip import DenseCLIPSettings
 
         classes = _as_class_list(classes)
-        torch_device = resolve_device(device)
-        dtype = resolve_dtype(precision, torch_device)
         clip_settings = DenseCLIPSettings.for_variant(clip_variant) if clip_variant else DenseCLIPSettings()
         if attn_lambda is not None:
             clip_settings = DenseCLIPSettings(clip_settings.variant, clip_settings.ignore_residual, attn_lambda)
-        clip = presets.load_vlm(vlm, device=torch_device, dtype=dtype, settings=clip_settings)
         needs_vfm = settings.method == "coninfer" and settings.vfm_features == "vfm"
-        vfm_model = presets.load_vfm(vfm, device=torch_device, dtype=dtype) if needs_vfm else None
-        queries = clip.encode_queries(list(classes.queries), cache_dir=cache_dir)
-        self.models = Models(clip, vfm_model, classes, queries, torch_device, dtype)
+        self.models = load_models(classes, vlm=vlm, vfm=vfm if needs_vfm else None, device=device,
+                                  precision=precision, clip_settings=clip_settings, cache_dir=cache_dir)
         self.settings = settings
         self.model_names = {"vlm": vlm, "vfm": vfm if needs_vfm else None, "clip_settings": asdict(clip_settings)}
 
     @classmethod
     def from_models(cls, models: Models, settings: InferenceSettings = InferenceSettings(),
                     model_names: dict | None = None) -> Segmenter:
-        """A Segmenter around already-loaded models (tests, notebooks)."""
+        """A Segmenter around already-loaded models (tests, notebooks).
+
+        ``model_names`` identifies the models in the report and in the key of the resumable work directory
+        (default: the models' names, so give it when two different models share a name).
+        """
         segmenter = cls.__new__(cls)
         segmenter.models, segmenter.settings = models, settings
-        segmenter.model_names = model_names or {"vlm": type(models.clip).__name__}
+        segmenter.model_names = model_names or {"vlm": getattr(models.clip, "name", type(models.clip).__name__),
+                                                "vfm": getattr(models.vfm, "name", None)}
         return segmenter
 
     @property
@@ -166,13 +172,7 @@ class Segmenter:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise InputError(f"rgb must be an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
         with tempfile.TemporaryDirectory(dir=workdir) as folder:
-            path = Path(folder) / "array.tif"
-            georef = read.Georef(rgb.shape[1], rgb.shape[0], None, read.Affine.identity())
-            import rasterio
-
-            with rasterio.open(path, "w", **georef.profile(count=3, dtype="uint8")) as dst:
-                dst.write(np.moveaxis(rgb, -1, 0))
-            scene = read.open_scene(path)
+            scene = _array_scene(rgb, Path(folder) / "array.tif")
             store = self._prepare(scene, options, Path(folder) / "work", resume=False, progress=False)
             labels = np.full(rgb.shape[:2], NODATA_LABEL, np.uint8)
             probs = np.zeros((len(self.class_names), *rgb.shape[:2]), np.float32)
@@ -190,59 +190,30 @@ class Segmenter:
         """Segment a raster file into a class-map COG (+ optional outputs); returns the report dict.
 
         ``report`` defaults to ``OUT`` with the suffix ``.json``. Every output is checked before any work and
-        written atomically. The work directory (default ``~/.cache/coninfer/work``) keeps the store of an
-        unfinished run so that a second call with the same input and settings resumes it.
+        written atomically. The work directory (default ``$CONINFER_CACHE/work``, else ``~/.cache/coninfer/work``)
+        keeps the store of an unfinished run so that a second call with the same input and settings resumes it.
         """
         started = time.perf_counter()
-        out = Path(out)
-        report = Path(report) if report else out.with_suffix(".json")
-        outputs = {"class_map": out, "probabilities": probabilities, "vector": vector, "preview": preview,
-                   "report": report}
-        outputs = {name: Path(value) for name, value in outputs.items() if value}
-        for target in outputs.values():
-            write.check_output_path(target, overwrite=overwrite, inputs=[path])
-        if len(set(outputs.values())) != len(outputs):
-            raise InputError("two outputs share one path", hint="give each output its own file name")
-        if vector is not None and Path(vector).suffix.lower() not in (".gpkg", ".geojson", ".json"):
-            raise InputError(f"--vector {vector}: unknown extension", hint="use a .gpkg or .geojson file name")
+        outputs = check_outputs(path, out, probabilities=probabilities, vector=vector, preview=preview,
+                                report=report, overwrite=overwrite)
+        out, report = outputs["class_map"], outputs["report"]
         scene = read.open_scene(path, bands=bands)
         if read.scene_is_empty(scene):
             raise InputError(f"{path} is entirely nodata", hint="check the nodata value / mask of the input")
         folder = self._workdir(scene, options, workdir)
         timings = {}
         store = self._prepare(scene, options, folder, resume=resume, progress=progress, timings=timings)
-        class_names = list(self.class_names)
-        counts = np.zeros(len(class_names), np.int64)
         tick = time.perf_counter()
-        prob_writer = write.ProbabilityWriter(outputs["probabilities"], scene.georef, class_names) \
-            if "probabilities" in outputs else None
-        with write.ClassMapWriter(out, scene.georef, class_names) as class_writer:
-            if prob_writer is not None:
-                prob_writer.__enter__()
-            try:
-                for block in self._stitch(scene, store, options, progress=progress):
-                    class_writer.write(block.window, block.labels)
-                    counts += write.count_classes(block.labels, len(class_names))
-                    if prob_writer is not None:
-                        prob_writer.write(block.window, block.probs, block.valid)
-            except BaseException as error:
-                if prob_writer is not None:
-                    prob_writer.__exit__(type(error), error, error.__traceback__)
-                raise
-            if prob_writer is not None:
-                prob_writer.__exit__(None, None, None)
+        counts = self._write_rasters(scene, store, options, outputs, progress=progress)
         timings["stitch_write_s"] = time.perf_counter() - tick
         if "vector" in outputs:
             tick = time.perf_counter()
-            write.write_vectors(outputs["vector"], out, class_names)
+            write.write_vectors(outputs["vector"], out, list(self.class_names))
             timings["vector_s"] = time.perf_counter() - tick
         if "preview" in outputs:
-            import rasterio
-
-            rgb, _ = read.read_overview(scene, max_size=1024)
-            with rasterio.open(out) as src:
-                labels = src.read(1, out_shape=rgb.shape[1:], resampling=rasterio.enums.Resampling.nearest)
-            write.write_preview(outputs["preview"], rgb, labels, class_names)
+            tick = time.perf_counter()
+            self._write_preview(scene, out, outputs["preview"])
+            timings["preview_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - started
         summary = self._report(scene, options, counts, outputs, timings, store)
         write.write_report(report, summary)
@@ -253,7 +224,8 @@ class Segmenter:
     # -- passes -----------------------------------------------------------------------------------------------
 
     def _workdir(self, scene, options: SceneOptions, workdir: str | Path | None) -> Path:
-        root = Path(workdir) if workdir else Path(os.environ.get("CONINFER_CACHE", Path.home() / ".cache" / "coninfer")) / "work"
+        """``workdir`` (default: the coninfer cache's ``work``) / a hash of everything the store depends on."""
+        root = Path(workdir) if workdir else default_cache_dir() / "work"
         stat = scene.path.stat()
         key = json.dumps({
             "input": str(scene.path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
@@ -266,11 +238,15 @@ class Segmenter:
                  timings: dict | None = None) -> TileStore:
         """Passes 1 and 2: encode every tile into the store, then solve the context; resumes a killed run."""
         timings = {} if timings is None else timings
-        if folder.exists() and not resume:
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         grid = TileGrid(scene.width, scene.height, options.tile_size, options.overlap)
         patches = self.models.grid_size(self.settings.model_res) ** 2
+        try:
+            if folder.exists() and not resume:
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create the work folder {folder}: {error.strerror or error}",
+                              hint="pass --workdir with a writable folder") from error
         store = TileStore(folder, len(grid), patches, len(self.models.classes.queries))
         tick = time.perf_counter()
         self._encode_pass(scene, grid, store, options, progress)
@@ -294,7 +270,7 @@ class Segmenter:
                 indices = list(range(first, min(first + options.batch_size, len(grid))))
                 tiles, kept, empty, masks = [], [], [], []
                 for index in indices:
-                    rgb, valid = read.read_window(scene, grid.window(index), src=src)
+                    rgb, valid = _read_tile(scene, grid.window(index), src)
                     if not valid.any():
                         empty.append(index)
                         continue
@@ -329,17 +305,30 @@ class Segmenter:
     def _solve_pass(self, store: TileStore, options: SceneOptions) -> None:
         empty = set(store.state["empty"])
         tiles = [i for i in range(store.shape[0]) if i not in empty]
+        chunk_tiles = options.solver_chunk_tiles
         if options.context == "none" or self.settings.method == "baseline":
-            for group in _groups(tiles, options.solver_chunk_tiles):
-                logits = torch.from_numpy(np.asarray(store.logits[group]))
-                store.z[group] = torch.softmax(self.settings.prior_scale * logits, -1).numpy()
+            self._keep_prior(store, tiles, chunk_tiles)
             return
         size = len(tiles) if options.context == "scene" else options.context_size
         for context in _groups(tiles, size):
-            self._solve_context(store, context, options.solver_chunk_tiles)
+            valid_patches = sum(int(np.asarray(store.valid[group]).sum()) for group in _groups(context, chunk_tiles))
+            if valid_patches < self.settings.init_topk:
+                # the mixture needs init_topk patches to start from; a sliver of data keeps its prior instead
+                logger.warning("tiles %s hold %d valid patches, fewer than init_topk=%d: they keep the CLIP prior",
+                               context, valid_patches, self.settings.init_topk)
+                self._keep_prior(store, context, chunk_tiles)
+            else:
+                self._solve_context(store, context, chunk_tiles)
+
+    def _keep_prior(self, store: TileStore, tiles: list[int], chunk_tiles: int) -> None:
+        """z = softmax(prior_scale * logits) for ``tiles`` (the ``none`` context and the baseline method)."""
+        for group in _groups(tiles, chunk_tiles):
+            logits = torch.from_numpy(np.asarray(store.logits[group]))
+            store.z[group] = torch.softmax(self.settings.prior_scale * logits, -1).numpy()
 
     def _solve_context(self, store: TileStore, tiles: list[int], chunk_tiles: int) -> None:
-        """One mixture over ``tiles``, streamed from the store in chunks; z written back to the store."""
+        """One mixture over ``tiles`` (at least init_topk valid patches), streamed from the store in chunks; z
+        written back to the store."""
         solver_settings = self.settings.solver_settings()
         device = self.models.device
 
@@ -351,8 +340,6 @@ class Segmenter:
                 if len(logits):
                     yield torch.from_numpy(logits).to(device), torch.from_numpy(features).to(device)
 
-        if sum(int(np.asarray(store.valid[g]).sum()) for g in _groups(tiles, chunk_tiles)) < solver_settings.init_topk:
-            raise InputError("too few valid patches to fit the context", hint="use --context none or a larger scene")
         fit = fit_context(fit_chunks, solver_settings)
         for group in _groups(tiles, chunk_tiles):
             logits = torch.from_numpy(np.asarray(store.logits[group]).reshape(-1, store.num_queries)).to(device)
@@ -379,10 +366,38 @@ class Segmenter:
                     probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
                                                 self.models.classes.query_to_class, self.settings.logit_scale)
                     probs = probs[0].numpy()
-                    _, valid = read.read_window(scene, grid.window(index), src=src)
+                    _, valid = _read_tile(scene, grid.window(index), src)
                 yield from stitcher.add(index, probs, valid, **thresholds)
                 bar.update(1)
         bar.close()
+
+    def _write_rasters(self, scene, store: TileStore, options: SceneOptions, outputs: dict[str, Path], *,
+                       progress: bool) -> np.ndarray:
+        """Pass 3 into the class map (and probabilities) COGs; returns the pixel count per class (C,) int64."""
+        class_names = list(self.class_names)
+        counts = np.zeros(len(class_names), np.int64)
+        with ExitStack() as writers:  # each writer commits its file only if every block was written
+            class_writer = writers.enter_context(write.ClassMapWriter(outputs["class_map"], scene.georef, class_names))
+            prob_writer = None
+            if "probabilities" in outputs:
+                prob_writer = writers.enter_context(
+                    write.ProbabilityWriter(outputs["probabilities"], scene.georef, class_names))
+            for block in self._stitch(scene, store, options, progress=progress):
+                class_writer.write(block.window, block.labels)
+                counts += write.count_classes(block.labels, len(class_names))
+                if prob_writer is not None:
+                    prob_writer.write(block.window, block.probs, block.valid)
+        return counts
+
+    def _write_preview(self, scene, class_map: Path, path: Path) -> None:
+        """PNG of the scene (decimated to 1024 px) under the written class map, with a legend."""
+        import rasterio
+        from rasterio.enums import Resampling
+
+        rgb, _ = read.read_overview(scene, max_size=1024)
+        with rasterio.open(class_map) as src:
+            labels = src.read(1, out_shape=rgb.shape[1:], resampling=Resampling.nearest)
+        write.write_preview(path, rgb, labels, list(self.class_names))
 
     def _report(self, scene, options, counts, outputs, timings, store) -> dict:
         empty = len(store.state["empty"])
@@ -398,10 +413,63 @@ class Segmenter:
             "settings": {"scene": asdict(options), "inference": asdict(self.settings), "models": self.model_names,
                          "bands": list(scene.bands), "device": str(self.models.device),
                          "dtype": str(self.models.dtype).replace("torch.", "")},
-            "tiles": {"total": tiles, "empty": empty, "encoded": tiles - empty,
+            "tiles": {"total": tiles, "empty": empty, "encoded": tiles - empty, "resumed_from": store.resumed_from,
                       "tiles_per_s": round((tiles - empty) / encode_s, 3) if encode_s > 0 else None},
             "timings_s": {name: round(value, 3) for name, value in timings.items()},
         }
+
+
+_SUFFIXES = {"class_map": (".tif", ".tiff"), "probabilities": (".tif", ".tiff"),
+             "vector": (".gpkg", ".geojson", ".json")}
+"""File name suffixes each output kind accepts (GeoTIFF rasters, GDAL vector drivers); others accept any."""
+
+
+def check_outputs(source: str | Path, out: str | Path, *, probabilities: str | Path | None = None,
+                  vector: str | Path | None = None, preview: str | Path | None = None,
+                  report: str | Path | None = None, overwrite: bool = False) -> dict[str, Path]:
+    """The outputs of a run by kind (``class_map``, ``report`` = ``out`` with ``.json`` unless given, and those of
+    the optional ones that are given), checked before any work is done.
+
+    Raises:
+        InputError: an unknown suffix, or two outputs sharing one path.
+        OutputError: an output that is the input, exists (without ``overwrite``), or lies in a missing or
+            unwritable folder.
+    """
+    report = report or Path(out).with_suffix(".json")
+    given = {"class_map": out, "probabilities": probabilities, "vector": vector, "preview": preview, "report": report}
+    outputs = {kind: Path(value) for kind, value in given.items() if value is not None}
+    for kind, suffixes in _SUFFIXES.items():
+        if kind in outputs and outputs[kind].suffix.lower() not in suffixes:
+            raise InputError(f"{kind.replace('_', ' ')} {outputs[kind]}: unknown extension {outputs[kind].suffix!r}",
+                             hint=f"use a file name ending in {' or '.join(suffixes)}")
+    if len({path.resolve() for path in outputs.values()}) != len(outputs):
+        raise InputError("two outputs share one path", hint="give each output its own file name")
+    for target in outputs.values():
+        write.check_output_path(target, overwrite=overwrite, inputs=[source])
+    return outputs
+
+
+def _read_tile(scene: read.Scene, window, src) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`~coninfer.raster.read.read_window`, with a damaged part of the file as a one-line input error."""
+    try:
+        return read.read_window(scene, window, src=src)
+    except RasterioError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputFileError(f"cannot read {scene.path} at pixel window {window.flatten()}: {reason}",
+                             hint="the file may be truncated or corrupt; check it with gdalinfo -checksum") from error
+
+
+def _array_scene(rgb: np.ndarray, path: Path) -> read.Scene:
+    """Write (H, W, 3) uint8 pixels as a GeoTIFF without georeferencing and open it as a scene."""
+    import rasterio
+    from affine import Affine
+
+    georef = read.Georef(rgb.shape[1], rgb.shape[0], None, Affine.identity())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # pixel coordinates are all an array has
+        with rasterio.open(path, "w", **georef.profile(count=3, dtype="uint8")) as dst:
+            dst.write(np.moveaxis(rgb, -1, 0))
+    return read.open_scene(path)
 
 
 def _groups(items: Sequence[int], size: int) -> Iterator[list[int]]:

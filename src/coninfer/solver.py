@@ -3,8 +3,9 @@
 Maths (golden README, section A; i = patch, k = query, d = feature dimension):
 
 1. ``log P = log_softmax(prior_scale * L)`` over k, fixed for the whole run.
-2. Initial mean of query k: the ``init_topk`` patches with the largest ``P[:, k]`` (ties: lowest patch
-   index first), ``mu_k = normalise(sum_i P[i, k] F[i])``; one shared diagonal variance ``v = 1/D``.
+2. Initial mean of query k: the ``init_topk`` patches with the largest ``P[:, k]`` (ranked by log P, which
+   has the same order without float32 underflow ties; remaining ties: lowest patch index first),
+   ``mu_k = normalise(sum_i P[i, k] F[i])``; one shared diagonal variance ``v = 1/D``.
 3. ``iterations + 1`` E-steps ``z[i] = softmax_k(log P[i] + ll[i] / temperature)`` with
    ``ll[i, k] = -0.5 * sum_d (F[i, d] - mu[k, d])^2 / v[d]``, and ``iterations`` M-steps between them:
    ``mu_k = normalise(sum_i z[i, k] F[i])``, ``v_d = sum_ik z[i, k] (F[i, d] - mu[k, d])^2 / sum_ik z[i, k]``.
@@ -61,15 +62,16 @@ def _no_reduce(tensor: torch.Tensor) -> torch.Tensor:
 class SolverSettings:
     """Hyperparameters of the solver (defaults: ConInfer base config).
 
-    ``block_rows`` only bounds memory (float32 temporaries of ``block_rows x D``); results do not depend on it
-    beyond float rounding.
+    ``block_rows`` only sets speed and memory (float32 temporaries of ``block_rows x D``); results do not depend
+    on it beyond float rounding. ``None`` picks 2048 on the CPU (a block stays in cache between its two matrix
+    products) and 65536 elsewhere (fewer, larger kernels: 4x faster than 2048 on an H200 at N=39200, D=1024).
     """
 
     temperature: float = 50.0
     iterations: int = 10
     prior_scale: float = 100.0
     init_topk: int = 8
-    block_rows: int = 2048
+    block_rows: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("temperature", "prior_scale"):
@@ -78,6 +80,8 @@ class SolverSettings:
                 raise InputError(f"{name} must be a finite number > 0, got {value!r}", hint=f"pass a positive {name}")
         for name, minimum in (("iterations", 0), ("init_topk", 1), ("block_rows", 1)):
             value = getattr(self, name)
+            if name == "block_rows" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
                 raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}", hint=f"fix {name}")
 
@@ -152,18 +156,18 @@ def _take_candidates(
 
 def _chunk_candidates(log_prior: torch.Tensor, features: torch.Tensor, offset: int, topk: int) -> TopKCandidates:
     """Top ``topk`` rows per column of one chunk; log_prior (n, K), features (n, D)."""
-    num_rows = log_prior.shape[0]
+    num_rows, num_queries = log_prior.shape
     topk = min(topk, num_rows)
     threshold = torch.topk(log_prior, topk, dim=0).values[-1]  # (K,)
     # Every row that is a candidate for some column (ties at the threshold included), in index order, so a
     # stable descending sort of this small sub-matrix gives the exact top-k with lowest-index tie-breaking.
     rows = torch.nonzero((log_prior >= threshold).any(dim=1)).squeeze(1)
-    sub = log_prior[rows]
-    order = torch.argsort(sub, dim=0, descending=True, stable=True)[:topk]
-    sub_features = features[rows].to(torch.float32)
-    expanded = sub_features.unsqueeze(1).expand(-1, sub.shape[1], -1)  # (r, D) -> (r, K, D), a view
-    index = (rows + offset).unsqueeze(1).expand_as(sub)
-    return _take_candidates(sub, index, expanded, order)
+    sub = log_prior[rows]  # (r, K)
+    order = torch.argsort(sub, dim=0, descending=True, stable=True)[:topk]  # (m, K) rows of sub
+    picked = rows[order]  # (m, K) rows of the chunk
+    # (m*K, D) -> (m, K, D)
+    picked_features = features[picked.reshape(-1)].to(torch.float32).reshape(topk, num_queries, -1)
+    return TopKCandidates(sub.gather(0, order), picked + offset, picked_features)
 
 
 def _initial_state(candidates: TopKCandidates, num_features: int) -> SolverState:
@@ -171,11 +175,17 @@ def _initial_state(candidates: TopKCandidates, num_features: int) -> SolverState
     weights = torch.exp(candidates.log_prior - candidates.log_prior[:1])  # (m, K), relative to the best
     sums = torch.einsum("mk,mkd->kd", weights.double(), candidates.features.double())
     norms = torch.linalg.vector_norm(sums, dim=1, keepdim=True)  # (K, 1)
-    if not bool((norms > 0).all()) or not bool(torch.isfinite(norms).all()):
-        query = int(torch.nonzero(~((norms > 0) & torch.isfinite(norms)))[0, 0])
+    if not bool(torch.isfinite(norms).all()):
+        query = int(torch.nonzero(~torch.isfinite(norms))[0, 0])
         raise InputError(
-            f"the initial mean of query {query} is undefined: its top patches' features sum to {norms[query].item()}",
-            hint="features must be finite, L2-normalised rows",
+            f"features contain NaN or infinite values (in a top patch of query {query})",
+            hint="check the feature extractor output",
+        )
+    if not bool((norms > 0).all()):
+        query = int(torch.nonzero(norms <= 0)[0, 0])
+        raise InputError(
+            f"the initial mean of query {query} is undefined: its top patches' features sum to zero",
+            hint="features must be L2-normalised rows",
         )
     means = (sums / norms).float()
     variance = torch.full((num_features,), 1.0 / num_features, dtype=torch.float32, device=means.device)
@@ -230,7 +240,8 @@ class _Pass:
                     hint="every chunk must hold the same queries and feature size",
                 )
             self.sizes = sizes
-            yield offset, logits, features
+            if logits.shape[0]:  # an empty chunk contributes nothing
+                yield offset, logits, features
             offset += logits.shape[0]
         if offset == 0:
             raise InputError("the chunk source yielded no patches", hint="check the chunk iterator")
@@ -246,8 +257,9 @@ class _Pass:
 # about 4x slower than over the leading axis of the transposed view, and z^T F then needs no transpose.
 
 
-def _blocks(logits: torch.Tensor, features: torch.Tensor, block_rows: int) -> Iterator[Chunk]:
+def _blocks(logits: torch.Tensor, features: torch.Tensor, settings: SolverSettings) -> Iterator[Chunk]:
     """Row blocks: logits (b, K) float32, features (b, D) cast to float32."""
+    block_rows = settings.block_rows or (2048 if features.device.type == "cpu" else 65536)
     for start in range(0, logits.shape[0], block_rows):
         stop = start + block_rows
         yield logits[start:stop], features[start:stop].to(torch.float32)
@@ -325,7 +337,7 @@ def _expectation_pass(
     for offset, logits, features in walk:
         if likelihood is None or likelihood.offsets.device != features.device:
             likelihood = _Likelihood.from_state(state, features.device)
-        for block_logits, block in _blocks(logits, features, settings.block_rows):
+        for block_logits, block in _blocks(logits, features, settings):
             log_prior_t = _log_prior_t(block_logits, settings)
             log_likelihood_t = likelihood(block)
             z_t = _e_step_t(log_prior_t, log_likelihood_t, settings.temperature)
@@ -368,7 +380,8 @@ def fit_context(
     """Fit the mixture over all chunks; returns the state that the final E-step (:func:`assign`) uses.
 
     ``chunks()`` must return a fresh iterator of ``(logits (n, K), features (n, D))`` tensors, the same data in
-    the same order every time; it is called ``iterations + 1`` times (``+ 2`` with ``record_history``).
+    the same order every time; it is called ``iterations + 1`` times (``iterations + 2`` with
+    ``record_history``).
     ``reduce`` is applied to every summed statistic before it is used (e.g. an all-reduce sum across processes).
     """
     candidates, walk = _initial_pass(chunks, settings)
@@ -403,10 +416,12 @@ def assign(logits: torch.Tensor, features: torch.Tensor, state: SolverState, set
             f"chunk has K={logits.shape[1]}, D={features.shape[1]} but the state has (K, D) = {tuple(state.means.shape)}",
             hint="assign chunks with the queries and features the state was fitted on",
         )
+    if logits.shape[0] == 0:
+        return torch.empty(0, logits.shape[1], dtype=torch.float32, device=features.device)
     likelihood = _Likelihood.from_state(state, features.device)
     parts = [
         _e_step_t(_log_prior_t(block_logits, settings), likelihood(block), settings.temperature)
-        for block_logits, block in _blocks(logits, features, settings.block_rows)
+        for block_logits, block in _blocks(logits, features, settings)
     ]
     z = torch.cat(parts, dim=1).T.contiguous()  # (K, n) -> (n, K)
     if not bool(torch.isfinite(z).all()):

@@ -186,7 +186,7 @@ def isaid(raw: Path, rng: np.random.Generator) -> Expected:
             box = f"{scene}_{y0}_{y1}_{x0}_{x1}"
             return f"{box}.png", f"{box}_instance_color_RGB.png"
 
-        _tiles(expected, image, index, (8, 8), (5, 5), name, ("img_dir/val", "ann_dir/val"), pad_label=255)
+        _tiles(expected, image, index, TINY_PATCHES["ISAID_PATCH"], TINY_PATCHES["ISAID_STEP"], name, ("img_dir/val", "ann_dir/val"), pad_label=255)
     write_zip(raw / "val" / "images" / "part1.zip", images)
     write_zip(raw / "train" / "images" / "part1.zip", {"images/P0009.png": encoded(rgb(rng, 4, 4), "PNG")})
     return expected
@@ -195,7 +195,7 @@ def isaid(raw: Path, rng: np.random.Generator) -> Expected:
 def _isprs_scene(rng: np.random.Generator, expected: Expected, name) -> tuple[bytes, bytes]:
     image = rgb(rng, 10, 12)
     colour, index = colour_label(rng, 10, 12, ISPRS_COLOURS)
-    _tiles(expected, image, index, (8, 8), (8, 8), name, ("img_dir/val", "ann_dir/val"))
+    _tiles(expected, image, index, TINY_PATCHES["ISPRS_PATCH"], TINY_PATCHES["ISPRS_PATCH"], name, ("img_dir/val", "ann_dir/val"))
     return encoded(image, "TIFF"), encoded(colour, "TIFF")
 
 
@@ -248,7 +248,7 @@ def uavid(raw: Path, rng: np.random.Generator) -> Expected:
         def name(y0, y1, x0, x1, prefix=f"{seq}_{frame}"):
             return (f"{prefix}_{y0}_{y1}_{x0}_{x1}.png",) * 2
 
-        _tiles(expected, image, index, (4, 6), (4, 6), name, ("img_dir/test", "ann_dir/test"), pad_label=255)
+        _tiles(expected, image, index, TINY_PATCHES["UAVID_PATCH"], TINY_PATCHES["UAVID_PATCH"], name, ("img_dir/test", "ann_dir/test"), pad_label=255)
     write(raw / "UAVid" / "train" / "seq1" / "Images" / "000000.png", encoded(rgb(rng, 4, 6), "PNG"))
     return expected
 
@@ -309,7 +309,7 @@ def inria(raw: Path, rng: np.random.Generator) -> Expected:
             def name(y0, y1, x0, x1, tile=tile):
                 return (f"{tile}_{x0}_{y0}_{x1}_{y1}.png",) * 2
 
-            _tiles(expected, image, (mask >= 128).astype(np.uint8), (4, 4), (4, 4), name,
+            _tiles(expected, image, (mask >= 128).astype(np.uint8), TINY_PATCHES["INRIA_PATCH"], TINY_PATCHES["INRIA_PATCH"], name,
                    ("img_dir/split_test", "ann_dir/split_test"))  # fmt: skip
     return expected
 

@@ -16,7 +16,7 @@ from coninfer.errors import ConInferError
 _SUBCOMMANDS = {
     "segment": ("coninfer.cli.segment", "segment", "Segment a GeoTIFF/PNG/JPEG scene into a class map."),
     "refine": ("coninfer.cli.refine", "refine", "Refine any model's prior with the ConInfer solver (.npz in/out)."),
-    "eval": ("coninfer.cli.eval", "eval_group", "Evaluate on the 17 benchmarks of the paper."),
+    "eval": ("coninfer.cli.eval", "eval_command", "Evaluate on the 17 benchmarks of the paper."),
     "models": ("coninfer.cli.models", "models", "List, download and convert model presets."),
     "data": ("coninfer.cli.data", "data", "Prepare benchmark datasets."),
 }

@@ -13,7 +13,8 @@ Examples:
   coninfer data convert LoveDA downloads/LoveDA data/LoveDA
   coninfer data convert wbs-si downloads/WaterBodiesDatasetPreprocessed data/wbs-si
 
-RAW_DIR layout per dataset: `coninfer data list --layout`.
+RAW_DIR layout per dataset: `coninfer data list --layout`. UDD5 and VDD are used as
+released: pass the release folder as both RAW_DIR and OUT_DIR to only check it.
 """
 
 

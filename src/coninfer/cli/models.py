@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from coninfer.errors import InputError, OutputError
+from coninfer.errors import OutputError
 
 EXAMPLES = """
 \b
 Examples:
   coninfer models list
   coninfer models download dinov3-l16-sat
-  coninfer models convert RemoteCLIP-ViT-B-32.pt remoteclip-hf --role vlm
+  coninfer models convert RemoteCLIP-ViT-B-32.pt remoteclip-hf --role vlm --activation gelu
   coninfer models convert dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth dinov3-l16-hf --role vfm
 """
 
@@ -41,7 +44,7 @@ def list_presets() -> None:
 @models.command("download")
 @click.argument("name")
 def download(name: str) -> None:
-    """Download preset NAME into the Hugging Face cache (needs internet once)."""
+    """Download preset NAME into the Hugging Face cache (needs internet once) and print where it is."""
     from coninfer.encoders.presets import download as download_preset
 
     click.echo(str(download_preset(name)))
@@ -52,21 +55,72 @@ def download(name: str) -> None:
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--role", type=click.Choice(["vlm", "vfm"]), required=True,
               help="vlm: a CLIP checkpoint; vfm: a DINOv3/DINOv2 checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def convert(source: str, output: Path, role: str, overwrite: bool) -> None:
-    """Convert SOURCE (preset, file or folder in any supported format) into a transformers folder OUTPUT."""
+@click.option("--heads", type=click.IntRange(min=1), default=None,
+              help="Attention heads of the vision tower (vlm) or of the VFM [default: inferred from the "
+              "checkpoint; CLIP: width / 64].")
+@click.option("--text-heads", type=click.IntRange(min=1), default=None,
+              help="vlm only: attention heads of the text tower [default: width / 64].")
+@click.option("--activation", type=click.Choice(["quick_gelu", "gelu"]), default=None,
+              help="vlm only: MLP activation [default: quick_gelu for checkpoint files (OpenAI CLIP), the "
+              "config's for folders; RemoteCLIP needs gelu].")
+@click.option("--tokenizer", default=None,
+              help="vlm only: tokenizer folder or hub id for a checkpoint file with a text tower "
+              "[default: openai/clip-vit-base-patch16].")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is a model folder.")
+def convert(source: str, output: Path, role: str, heads: int | None, text_heads: int | None,
+            activation: str | None, tokenizer: str | None, overwrite: bool) -> None:
+    """Convert SOURCE (preset, file or folder in any supported format) into a transformers folder OUTPUT.
+
+    OUTPUT loads back with --vlm OUTPUT / --vfm OUTPUT and gives the same outputs as SOURCE.
+    """
     from coninfer.encoders import presets
 
-    if output.exists() and not overwrite:
-        raise OutputError(f"{output} already exists", hint="pass --overwrite or choose another folder")
-    if output.exists() and not output.is_dir():
-        raise InputError(f"{output} is a file; the conversion writes a folder", hint="choose a folder path")
+    _check_output_folder(output, overwrite)
     if role == "vlm":
         from coninfer.encoders.convert_clip import save_clip_transformers
 
-        save_clip_transformers(presets.load_vlm(source), output)
+        model = presets.load_vlm(source, heads=heads, text_heads=text_heads, activation=activation,
+                                 tokenizer=tokenizer)
+        _write_folder(output, lambda folder: save_clip_transformers(model, folder))
     else:
         from coninfer.encoders.convert_dinov3 import save_vfm_transformers
 
-        save_vfm_transformers(presets.load_vfm(source), output)
-    click.echo(f"wrote {output}")
+        clip_only = [name for name, value in (("--text-heads", text_heads), ("--activation", activation),
+                                              ("--tokenizer", tokenizer)) if value is not None]
+        if clip_only:
+            raise click.UsageError(f"only for --role vlm: {', '.join(clip_only)}")
+        model = presets.load_vfm(source, num_heads=heads)
+        _write_folder(output, lambda folder: save_vfm_transformers(model, folder))
+    click.echo(f"wrote {output} (use it as --{role} {output})")
+
+
+def _check_output_folder(output: Path, overwrite: bool) -> None:
+    """Refuse an existing OUTPUT without --overwrite, and with it anything that is not a model folder."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise OutputError(f"{output} is a file; the conversion writes a folder", hint="choose a folder path")
+    if not overwrite:
+        raise OutputError(f"{output} already exists", hint="pass --overwrite or choose another folder")
+    if any(output.iterdir()) and not (output / "config.json").is_file():
+        # --overwrite deletes the folder: only ever one that a conversion (or save_pretrained) wrote
+        raise OutputError(f"{output} is not empty and holds no config.json, so it is not a model folder",
+                          hint="choose another folder; --overwrite only replaces model folders")
+
+
+def _write_folder(output: Path, save: Callable[[Path], object]) -> None:
+    """Run ``save(folder)`` on a fresh sibling folder, then put it in place of ``output``: an old folder leaves
+    no stale files behind, and a failed write leaves ``output`` untouched."""
+    temporary = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        save(temporary)
+        if output.exists():
+            shutil.rmtree(output)
+        temporary.rename(output)
+    except OSError as error:
+        raise OutputError(f"cannot write {output}: {error}", hint="check the folder's permissions and free space") \
+            from error
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary)

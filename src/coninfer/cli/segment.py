@@ -54,11 +54,11 @@ Examples:
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Tiles per encoder batch (halved automatically on CUDA out-of-memory).")
 @click.option("--workdir", type=click.Path(path_type=Path),
-              help="Folder for the resumable feature store [default: ~/.cache/coninfer/work].")
+              help="Folder for the resumable feature store [default: $CONINFER_CACHE/work or ~/.cache/coninfer/work].")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted run with the same input and settings.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 def segment(input_path: Path, output: Path, classes_text: str | None, classes_file: Path | None, vlm: str,
             vfm: str, method: str, context: str, context_size: int, tile_size: int, overlap: int,
             model_res: int, bands: str | None, temperature: float, prob_thd: float, bg_class: int,
@@ -68,8 +68,8 @@ def segment(input_path: Path, output: Path, classes_text: str | None, classes_fi
     """Segment INPUT (GeoTIFF, PNG or JPEG) into a class map with ConInfer."""
     from coninfer.pipeline import InferenceSettings
     from coninfer.prompts import ClassList
-    from coninfer.raster import read, write
-    from coninfer.scene import SceneOptions, Segmenter
+    from coninfer.raster import read
+    from coninfer.scene import SceneOptions, Segmenter, check_outputs
 
     if (classes_text is None) == (classes_file is None):
         raise InputError("give exactly one of --classes and --classes-file",
@@ -83,9 +83,8 @@ def segment(input_path: Path, output: Path, classes_text: str | None, classes_fi
     settings = InferenceSettings(model_res=model_res, method=method, temperature=temperature,
                                  prob_thd=prob_thd, bg_idx=bg_class)
     # fail on bad inputs/outputs before loading any model
-    for target in (output, probabilities, vector, preview, report or output.with_suffix(".json")):
-        if target is not None:
-            write.check_output_path(target, overwrite=overwrite, inputs=[input_path])
+    check_outputs(input_path, output, probabilities=probabilities, vector=vector, preview=preview, report=report,
+                  overwrite=overwrite)
     scene = read.open_scene(input_path, bands=band_indexes)
     if read.scene_is_empty(scene):
         raise InputError(f"{input_path} is entirely nodata", hint="check the nodata value / mask of the input")
@@ -95,5 +94,5 @@ def segment(input_path: Path, output: Path, classes_text: str | None, classes_fi
         preview=preview, report=report, workdir=workdir, resume=resume, overwrite=overwrite, progress=not quiet)
     if not quiet:
         for row in summary["classes"]:
-            click.echo(f"{row['name']:<24} {row['pixels']:>12} px  {row.get('area', 0):>14.1f} {row.get('area_unit', '')}")
+            click.echo(f"{row['class_name']:<24} {row['pixels']:>12} px  {row['area']:>14.1f} {row['area_unit']}")
         click.echo(f"wrote {output} ({summary['timings_s']['total_s']:.1f} s)")

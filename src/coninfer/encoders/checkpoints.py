@@ -144,9 +144,14 @@ class hub_errors:  # noqa: N801 - used as a context manager, reads like a functi
         if isinstance(error, hub.RepositoryNotFoundError):
             raise ModelLoadError(f"{repo} was not found on the hub", hint="check the name, or pass a local path") from error
         if isinstance(error, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled, OSError, ConnectionError)):
+            import os
+
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+            hint = ("HF_HUB_OFFLINE is set: unset it on a machine with internet to download once, or pass a local path"
+                    if offline else
+                    "connect to the internet once (`coninfer models download NAME`), or pass a local path")
             raise ModelLoadError(
-                f"cannot get {repo}: not in the local cache and the hub cannot be reached ({text})",
-                hint="connect to the internet once (`coninfer models download NAME`), or pass a local path",
+                f"cannot get {repo}: not in the local cache and the hub cannot be reached ({text})", hint=hint
             ) from error
         return False
 

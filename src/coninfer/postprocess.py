@@ -1,0 +1,114 @@
+"""From solver output to label maps (golden README, section B).
+
+Per image, in this order: bilinear upsampling of the raw z grid to the output size (half-pixel centres,
+``align_corners=False``, no antialias) -> multiply by ``logit_scale`` -> softmax over the K queries -> the
+probability of class c is the max over its synonyms (queries q with ``query_to_class[q] == c``) -> argmax over
+classes (first index on ties) -> pixels whose max class probability is strictly below ``prob_thd`` become
+``bg_idx``.
+
+:func:`class_probabilities` and :func:`labels_from_probabilities` are the two halves, so a caller can stitch
+probabilities across overlapping tiles before taking labels; :func:`postprocess` runs both.
+
+One deviation: the official code skips the synonym merge whenever the number of classes equals K, even if
+``query_to_class`` is a permutation; here the merge always follows ``query_to_class`` (identical for the
+identity mapping, the only case the class files produce).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from coninfer.errors import InputError
+
+
+@dataclass(frozen=True)
+class PostprocessResult:
+    """``labels`` (B, H, W) int64 and ``probabilities`` (B, C, H, W) float32 (no B axis if the input had none)."""
+
+    labels: torch.Tensor
+    probabilities: torch.Tensor
+
+
+def patches_to_grid(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Solver output per patch to per-image grids: (B*h*w, K) -> (B, K, h, w), patches row-major per image."""
+    if z.ndim != 2 or z.shape[0] == 0 or z.shape[0] % (height * width):
+        raise InputError(
+            f"z has shape {tuple(z.shape)}, not (B*{height}*{width}, K)",
+            hint="pass all patches of whole images, row-major",
+        )
+    num_images = z.shape[0] // (height * width)
+    # (B*h*w, K) -> (B, h, w, K) -> (B, K, h, w)
+    return z.reshape(num_images, height, width, z.shape[1]).permute(0, 3, 1, 2)
+
+
+def _class_index(query_to_class: Sequence[int] | torch.Tensor, num_queries: int) -> list[list[int]]:
+    """For each class c, the queries that map to it; checks that every class 0..C-1 has one."""
+    mapping = [int(c) for c in (query_to_class.tolist() if isinstance(query_to_class, torch.Tensor) else query_to_class)]
+    if len(mapping) != num_queries:
+        raise InputError(
+            f"query_to_class has {len(mapping)} entries but z has {num_queries} queries",
+            hint="give one class index per query",
+        )
+    if min(mapping) < 0:
+        raise InputError(f"query_to_class holds a negative class index: {mapping}")
+    members: list[list[int]] = [[] for _ in range(max(mapping) + 1)]
+    for query, cls in enumerate(mapping):
+        members[cls].append(query)
+    empty = [cls for cls, queries in enumerate(members) if not queries]
+    if empty:
+        raise InputError(f"classes {empty} have no query in query_to_class {mapping}", hint="number classes 0..C-1")
+    return members
+
+
+def class_probabilities(
+    z_grid: torch.Tensor,
+    out_size: tuple[int, int],
+    query_to_class: Sequence[int] | torch.Tensor,
+    logit_scale: float = 5.0,
+) -> torch.Tensor:
+    """Class probabilities (B, C, H, W) float32 from z grids (B, K, h, w); (K, h, w) gives (C, H, W).
+
+    Images are processed one at a time so the (K, H, W) query probabilities exist for one image only.
+    """
+    if z_grid.ndim not in (3, 4) or not z_grid.is_floating_point():
+        raise InputError(f"z_grid must be a float (B, K, h, w) or (K, h, w) tensor, got {tuple(z_grid.shape)}")
+    height, width = (int(size) for size in out_size)
+    if height < 1 or width < 1:
+        raise InputError(f"out_size must be positive, got {tuple(out_size)}")
+    batched = z_grid if z_grid.ndim == 4 else z_grid.unsqueeze(0)
+    members = _class_index(query_to_class, batched.shape[1])
+    output = torch.empty(batched.shape[0], len(members), height, width, dtype=torch.float32, device=z_grid.device)
+    for image, grid in enumerate(batched.to(torch.float32)):
+        upsampled = F.interpolate(grid.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False)
+        query_probs = torch.softmax(upsampled[0] * logit_scale, dim=0)  # (K, H, W)
+        for cls, queries in enumerate(members):
+            output[image, cls] = query_probs[queries].amax(dim=0)
+    return output if z_grid.ndim == 4 else output[0]
+
+
+def labels_from_probabilities(probabilities: torch.Tensor, prob_thd: float = 0.0, bg_idx: int = 0) -> torch.Tensor:
+    """Labels (..., H, W) int64 from class probabilities (..., C, H, W): argmax over C (first index on ties);
+    pixels whose max probability is < ``prob_thd`` become ``bg_idx`` (``prob_thd`` 0 never fires)."""
+    if probabilities.ndim < 3:
+        raise InputError(f"probabilities must be (..., C, H, W), got {tuple(probabilities.shape)}")
+    best = probabilities.amax(dim=-3)
+    labels = torch.argmax(probabilities, dim=-3)  # documented to return the first maximal index
+    return torch.where(best < prob_thd, torch.full_like(labels, int(bg_idx)), labels)
+
+
+def postprocess(
+    z_grid: torch.Tensor,
+    out_size: tuple[int, int],
+    query_to_class: Sequence[int] | torch.Tensor,
+    *,
+    logit_scale: float = 5.0,
+    prob_thd: float = 0.0,
+    bg_idx: int = 0,
+) -> PostprocessResult:
+    """Labels and class probabilities at ``out_size`` from z grids (B, K, h, w) or (K, h, w)."""
+    probabilities = class_probabilities(z_grid, out_size, query_to_class, logit_scale)
+    return PostprocessResult(labels_from_probabilities(probabilities, prob_thd, bg_idx), probabilities)

@@ -1,0 +1,227 @@
+"""`coninfer eval` end to end on tiny synthetic converted datasets with the tiny random models.
+
+The scores are meaningless (random weights); the tests check the plumbing: files, tables, settings, resuming and
+the handling of missing datasets. Text embeddings are cached in one folder for the module (CONINFER_CACHE) and
+the tiny CLIP is built once and copied, so that each run only pays for its forward passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import coninfer.encoders.clip as clip_module
+import coninfer.encoders.presets as presets
+import coninfer.pipeline as pipeline
+from coninfer.cli import main
+from coninfer.cli.eval import _VFM_PRESETS, _clip_settings
+from coninfer.encoders.clip import DenseCLIPSettings, build_tiny_clip
+from coninfer.evaluate import dataset_names, load_dataset_spec
+
+TINY = ["--vlm", "tiny-random", "--vfm", "tiny-random", "-q"]
+
+
+def write_converted(data_root: Path, name: str, count: int, seed: int = 0) -> Path:
+    """``count`` random (image, label) pairs in the dataset's converted layout under ``data_root/<layout.root>``."""
+    spec = load_dataset_spec(name)
+    layout = spec.layout
+    rng = np.random.default_rng(seed)
+    # stored values: 0 is ignored and k -> k-1 with reduce_zero_label (Potsdam), else the class index
+    high = spec.num_classes + 1 if spec.label_encoding.reduce_zero_label else spec.num_classes
+    root = data_root / layout.root
+    for folder in (layout.img_dir, layout.ann_dir):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        stem = f"tile_{index}"
+        image = rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)  # non-square: labels are upsampled per tile
+        label = rng.integers(0, high, (20, 28), dtype=np.uint8)
+        Image.fromarray(image).save(root / layout.img_dir / f"{stem}{layout.img_suffix}")
+        Image.fromarray(label).save(root / layout.ann_dir / f"{stem}{layout.ann_suffix}")
+    return root
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["eval", *args])
+
+
+def table_row(table: str, label: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {label}"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("coninfer-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return build_tiny_clip(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def shared_cache_and_model(monkeypatch, cache_dir, tiny_clip):
+    """Text embeddings and eval state under one temporary CONINFER_CACHE; the tiny CLIP built once."""
+    monkeypatch.setenv("CONINFER_CACHE", str(cache_dir))
+
+    def build(seed: int = 0, *, settings: DenseCLIPSettings | None = None):
+        model = copy.deepcopy(tiny_clip)
+        model.settings = settings or DenseCLIPSettings()
+        return model
+
+    monkeypatch.setattr(clip_module, "build_tiny_clip", build)
+
+
+@pytest.fixture
+def potsdam(tmp_path) -> Path:
+    data_root = tmp_path / "data"
+    write_converted(data_root, "Potsdam", 2)
+    return data_root
+
+
+def forbid_model_work(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resumed, finished dataset must not load models or predict")
+
+    for module, name in ((presets, "load_vlm"), (presets, "load_vfm"), (pipeline, "infer_tiles")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+class TestEvalOneDataset:
+    def test_json_table_and_markdown(self, potsdam, tmp_path):
+        output, markdown, state = tmp_path / "results.json", tmp_path / "results.md", tmp_path / "state"
+        result = run("Potsdam", "--data-root", str(potsdam), *TINY, "--context-size", "1", "--output", str(output),
+                     "--markdown", str(markdown), "--state-dir", str(state))
+        assert result.exit_code == 0, result.output
+        [entry] = json.loads(output.read_text())
+        assert set(entry) == {"dataset", "method", "metric", "value", "per_class", "aAcc", "n_images", "settings"}
+        assert (entry["dataset"], entry["method"], entry["metric"], entry["n_images"]) == ("Potsdam", "ConInfer",
+                                                                                           "mIoU", 2)
+        assert list(entry["per_class"]) == list(load_dataset_spec("Potsdam").class_names)
+        assert 0.0 <= entry["value"] <= 100.0
+        settings = entry["settings"]
+        assert (settings["vlm"], settings["vfm"], settings["context_size"], settings["limit"]) == (
+            "tiny-random", "tiny-random", 1, None)
+        assert settings["clip"] == {"variant": "segearth", "ignore_residual": True, "attn_lambda": 0.6}
+        assert settings["inference"]["method"] == "coninfer" and settings["inference"]["vfm_features"] == "vfm"
+        # the table: ours, the paper's value and the difference in the Potsdam column of Table 1
+        table = result.stdout
+        assert "Table 1" in table and "Table 3" not in table
+        column = table_row(table, "|").index("Potsdam")
+        ours, paper = table_row(table, "ours (ConInfer)"), table_row(table, "paper ConInfer")
+        assert ours[column] == f"{entry['value']:.2f}" and paper[column] == "49.99"
+        assert table_row(table, "Δ ours − paper ConInfer")[column] == f"{entry['value'] - 49.99:+.2f}"
+        assert markdown.read_text().strip() == table.strip()
+        [state_file] = state.glob("Potsdam-coninfer-*.json")
+        assert json.loads(state_file.read_text())["n_done"] == 2
+
+    def test_rerun_resumes_without_model_work(self, potsdam, tmp_path, cache_dir, monkeypatch):
+        before = set((cache_dir / "eval").glob("*.json"))
+        first = run("potsdam", "--data-root", str(potsdam / "potsdam"), *TINY, "--limit", "1",
+                    "--output", str(tmp_path / "first.json"))
+        assert first.exit_code == 0, first.output
+        [state_file] = set((cache_dir / "eval").glob("*.json")) - before  # default: $CONINFER_CACHE/eval
+        assert json.loads(state_file.read_text())["n_done"] == 1
+        forbid_model_work(monkeypatch)
+        second = run("potsdam", "--data-root", str(potsdam / "potsdam"), *TINY, "--limit", "1",
+                     "--output", str(tmp_path / "second.json"))
+        assert second.exit_code == 0, second.output
+        assert json.loads((tmp_path / "second.json").read_text()) == json.loads((tmp_path / "first.json").read_text())
+        assert second.stdout == first.stdout
+
+    def test_baseline_needs_no_vfm(self, potsdam, tmp_path, monkeypatch):
+        def no_vfm(*args, **kwargs):
+            raise AssertionError("the baseline must not load a VFM")
+
+        monkeypatch.setattr(presets, "load_vfm", no_vfm)
+        output = tmp_path / "baseline.json"
+        result = run("Potsdam", "--data-root", str(potsdam), "--method", "baseline", *TINY, "--limit", "1",
+                     "--output", str(output), "--state-dir", str(tmp_path / "state"))
+        assert result.exit_code == 0, result.output
+        [entry] = json.loads(output.read_text())
+        assert entry["method"] == "baseline" and entry["settings"]["vfm"] is None
+        assert entry["settings"]["inference"]["method"] == "baseline"
+        assert table_row(result.stdout, "paper MaskCLIP* (baseline)")  # compared with the paper's baseline row
+        assert table_row(result.stdout, "Δ ours − paper MaskCLIP* (baseline)")
+
+    def test_ablation_flags_reach_the_settings(self, potsdam, tmp_path, monkeypatch):
+        monkeypatch.setattr(presets, "load_vfm", lambda *a, **k: pytest.fail("CLIP features need no VFM"))
+        output = tmp_path / "ablation.json"
+        result = run("Potsdam", "--data-root", str(potsdam), *TINY, "--vlm-variant", "clearclip", "--attn-lambda",
+                     "0.3", "--vfm-features", "clip", "--limit", "1", "--output", str(output),
+                     "--state-dir", str(tmp_path / "state"))
+        assert result.exit_code == 0, result.output
+        [entry] = json.loads(output.read_text())
+        assert entry["settings"]["clip"] == {"variant": "clearclip", "ignore_residual": True, "attn_lambda": 0.3}
+        assert entry["settings"]["inference"]["vfm_features"] == "clip" and entry["settings"]["vfm"] is None
+
+
+class TestEvalAll:
+    def test_evaluates_present_datasets_and_names_the_missing(self, tmp_path):
+        data_root = tmp_path / "data"
+        write_converted(data_root, "Potsdam", 1)
+        write_converted(data_root, "Inria", 1, seed=1)
+        output = tmp_path / "all.json"
+        result = run("all", "--data-root", str(data_root), *TINY, "--output", str(output),
+                     "--state-dir", str(tmp_path / "state"))
+        assert result.exit_code == 0, result.output
+        entries = json.loads(output.read_text())
+        assert [e["dataset"] for e in entries] == ["Potsdam", "Inria"]  # the paper's order
+        assert entries[1]["metric"] == "IoU_foreground" and list(entries[1]["per_class"]) == ["background",
+                                                                                              "building"]
+        assert "Table 1" in result.stdout and "Table 3" in result.stdout
+        assert table_row(result.stdout, "ours (ConInfer)")[-1] != "–"
+        skipped = next(line for line in result.stderr.splitlines() if "skipped" in line)  # even with -q
+        missing = [n for n in dataset_names() if n not in ("Potsdam", "Inria")]
+        assert all(f"{name} (" in skipped for name in missing) and "Potsdam" not in skipped
+
+    def test_no_dataset_present_is_an_error(self, tmp_path):
+        (tmp_path / "empty").mkdir()
+        result = run("all", "--data-root", str(tmp_path / "empty"), *TINY)
+        assert result.exit_code == 2
+        assert result.output.count("\n") == 1 and "no benchmark found" in result.output
+
+    def test_all_ignores_a_dataset_folder_given_as_root(self, potsdam):
+        # data/potsdam itself has img_dir/val, which other datasets share; `all` must not evaluate it 5 times
+        result = run("all", "--data-root", str(potsdam / "potsdam"), *TINY)
+        assert result.exit_code == 2 and "no benchmark found" in result.output
+
+
+class TestErrors:
+    def test_missing_dataset_folder(self, potsdam):
+        result = run("Inria", "--data-root", str(potsdam), *TINY)
+        assert result.exit_code == 2 and result.output.count("\n") == 1
+        assert "Inria" in result.output and "coninfer data convert Inria" in result.output
+
+    def test_unknown_dataset(self, potsdam):
+        result = run("cityscapes", "--data-root", str(potsdam), *TINY)
+        assert result.exit_code == 2 and "unknown dataset 'cityscapes'" in result.output
+
+    def test_existing_output_needs_overwrite(self, potsdam, tmp_path):
+        (tmp_path / "results.json").write_text("[]")
+        result = run("Potsdam", "--data-root", str(potsdam), *TINY, "--output", str(tmp_path / "results.json"))
+        assert result.exit_code == 2 and "--overwrite" in result.output
+
+    @pytest.mark.parametrize("option", [["--attn-lambda", "1.5"], ["--context-size", "0"], ["--limit", "0"]])
+    def test_out_of_range_options(self, potsdam, option):
+        result = run("Potsdam", "--data-root", str(potsdam), *TINY, *option)
+        assert result.exit_code == 2 and option[0] in result.output
+
+
+class TestSettings:
+    def test_clip_settings_follow_dataset_variant_and_lambda(self):
+        assert _clip_settings(0.1, None, None) == DenseCLIPSettings("segearth", True, 0.1)
+        assert _clip_settings(0.1, "clearclip", None) == DenseCLIPSettings.for_variant("clearclip")
+        assert _clip_settings(0.1, "maskclip", 0.4) == DenseCLIPSettings("maskclip", False, 0.4)
+
+    def test_every_dataset_vfm_is_a_preset(self):
+        for name in dataset_names():
+            preset = presets.get_preset(_VFM_PRESETS[load_dataset_spec(name).coninfer.vfm], "vfm")
+            assert preset.format == "timm"
+        assert _VFM_PRESETS[load_dataset_spec("UAVid").coninfer.vfm] == "dinov3-h16plus-lvd"

@@ -1,0 +1,335 @@
+"""`coninfer segment` end to end with the offline tiny-random models: outputs, contexts, bad inputs, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import fiona
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner, Result
+from PIL import Image
+
+import scenes
+from coninfer.cli import main
+from coninfer.raster import write
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    with scenes.one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One CONINFER_CACHE for the module, so the text embeddings of the classes are computed once."""
+    return tmp_path_factory.mktemp("coninfer-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONINFER_CACHE", str(cache_dir))
+
+
+def _args(source: Path, *extra: str, output: str = "out.tif", classes: str | None = scenes.CLASSES) -> list[str]:
+    """Arguments of a quick run writing ``output`` next to ``source``; ``extra`` options come last."""
+    args = ["segment", str(source), "-o", str(source.parent / output), *scenes.TINY, *scenes.FAST]
+    args += ["--classes", classes] if classes is not None else []
+    return [*args, "--workdir", str(source.parent / "work"), *extra]
+
+
+def _run(source: Path, *extra: str, output: str = "out.tif") -> Result:
+    return CliRunner().invoke(main, _args(source, *extra, output=output))
+
+
+class TestOutputs:
+    """One run on a 5-band uint16 scene with nodata (75 x 53 px, 0.5 m, UTM 32N; not a multiple of the tile)."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def run(cls, tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, Result]:
+        folder = tmp_path_factory.mktemp("outputs")
+        source = scenes.multispectral(folder / "scene.tif")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("CONINFER_CACHE", str(cache_dir))
+            result = _run(source, "--bands", "3,2,1", "--overlap", "4", "--probabilities", str(folder / "probs.tif"),
+                          "--vector", str(folder / "classes.gpkg"), "--preview", str(folder / "preview.png"), "-q",
+                          output="classes.tif")
+        return folder, result
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def labels(cls, run: tuple[Path, Result]) -> np.ndarray:
+        with rasterio.open(run[0] / "classes.tif") as src:
+            return src.read(1)
+
+    def test_succeeds_quietly(self, run: tuple[Path, Result]) -> None:
+        folder, result = run
+        assert result.exit_code == 0, result.output
+        assert result.output == ""  # -q: no progress bars, no summary
+        assert sorted(p.name for p in folder.iterdir() if p.name != "work") == [
+            "classes.gpkg", "classes.json", "classes.tif", "preview.png", "probs.tif", "scene.tif"]
+        assert list((folder / "work").iterdir()) == []  # the finished run's store is removed
+
+    def test_same_grid_as_the_input(self, run: tuple[Path, Result]) -> None:
+        with rasterio.open(run[0] / "classes.tif") as src:
+            assert src.crs.to_epsg() == 32632
+            assert src.transform == scenes.TRANSFORM
+            assert (src.width, src.height, src.count, src.dtypes[0], src.nodata) == (75, 53, 1, "uint8", 255)
+
+    def test_nodata_propagates(self, labels: np.ndarray) -> None:
+        assert (labels[:, : scenes.NODATA_COLS] == 255).all()
+        assert (labels[:, scenes.NODATA_COLS :] < 4).all()
+
+    def test_colour_table_and_class_names(self, run: tuple[Path, Result]) -> None:
+        with rasterio.open(run[0] / "classes.tif") as src:
+            colormap = src.colormap(1)
+            assert [colormap[i][:3] for i in range(4)] == write.default_colors(4)
+            assert colormap[255][3] == 0  # nodata is transparent
+            assert json.loads(src.tags()["CLASS_NAMES"]) == scenes.CLASS_NAMES
+            assert [src.tags(1)[f"CLASS_{i}"] for i in range(4)] == scenes.CLASS_NAMES
+
+    def test_probabilities(self, run: tuple[Path, Result], labels: np.ndarray) -> None:
+        with rasterio.open(run[0] / "probs.tif") as src:
+            assert (src.count, src.crs.to_epsg(), src.transform) == (4, 32632, scenes.TRANSFORM)
+            assert list(src.descriptions) == scenes.CLASS_NAMES
+            probs, mask = src.read().astype(int), src.dataset_mask()
+        valid = labels != 255
+        np.testing.assert_array_equal(mask > 0, valid)
+        assert np.abs(probs.sum(axis=0)[valid] - 255).max() <= 2  # one query per class: a softmax, rounded
+        of_label = np.take_along_axis(probs, np.minimum(labels, 3)[None], axis=0)[0]
+        assert (of_label[valid] == probs.max(axis=0)[valid]).all()  # the label is the most probable class
+
+    def test_vectors(self, run: tuple[Path, Result], labels: np.ndarray) -> None:
+        with fiona.open(run[0] / "classes.gpkg") as layer:
+            assert layer.crs.to_epsg() == 32632
+            rows = [feature["properties"] for feature in layer]
+        present = sorted(int(c) for c in np.unique(labels) if c != 255)
+        assert [row["class_id"] for row in rows] == present
+        assert [row["class_name"] for row in rows] == [scenes.CLASS_NAMES[c] for c in present]
+        for row in rows:
+            assert row["area_unit"] == "m2"
+            assert row["area"] == pytest.approx((labels == row["class_id"]).sum() * scenes.PIXEL_SIZE**2)
+
+    def test_preview(self, run: tuple[Path, Result]) -> None:
+        with Image.open(run[0] / "preview.png") as image:
+            assert image.format == "PNG" and image.mode == "RGB"
+            assert image.width > 75 and image.height >= 53  # the scene plus a legend panel
+
+    def test_report(self, run: tuple[Path, Result], labels: np.ndarray) -> None:
+        report = json.loads((run[0] / "classes.json").read_text())
+        counts = np.bincount(labels[labels != 255], minlength=4)
+        assert [row["class_name"] for row in report["classes"]] == scenes.CLASS_NAMES
+        assert [row["pixels"] for row in report["classes"]] == counts.tolist()
+        assert [row["area"] for row in report["classes"]] == pytest.approx((counts * scenes.PIXEL_SIZE**2).tolist())
+        assert {row["area_unit"] for row in report["classes"]} == {"m2"}
+        assert sum(row["fraction"] for row in report["classes"]) == pytest.approx(1.0)
+        assert (report["crs"], report["size"]) == ("EPSG:32632", {"width": 75, "height": 53})
+        settings = report["settings"]
+        assert settings["bands"] == [3, 2, 1] and settings["device"] == "cpu" and settings["dtype"] == "float32"
+        assert (settings["scene"]["tile_size"], settings["scene"]["overlap"], settings["scene"]["context"]) == (
+            32, 4, "scene")
+        assert settings["inference"]["model_res"] == 32 and settings["inference"]["method"] == "coninfer"
+        assert (settings["models"]["vlm"], settings["models"]["vfm"]) == ("tiny-random", "tiny-random")
+        assert report["tiles"]["total"] == 3 * 2 and report["tiles"]["resumed_from"] == 0
+        timings = report["timings_s"]
+        assert set(timings) == {"encode_s", "solve_s", "stitch_write_s", "vector_s", "preview_s", "total_s"}
+        assert all(value >= 0 for value in timings.values())
+        assert timings["total_s"] >= timings["encode_s"] + timings["stitch_write_s"]
+
+
+@pytest.mark.parametrize(("extra", "section", "key", "value"), [
+    (["--context", "batch", "--context-size", "2"], "scene", "context", "batch"),
+    (["--context", "none"], "scene", "context", "none"),
+    (["--method", "baseline"], "inference", "method", "baseline"),
+])  # fmt: skip
+def test_other_settings_run(tmp_path: Path, extra: list[str], section: str, key: str, value: str) -> None:
+    result = _run(scenes.multispectral(tmp_path / "scene.tif", count=3), *extra)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out.json").read_text())["settings"][section][key] == value
+    with rasterio.open(tmp_path / "out.tif") as src:
+        labels = src.read(1)
+    assert (labels[:, : scenes.NODATA_COLS] == 255).all() and (labels[:, scenes.NODATA_COLS :] < 4).all()
+
+
+def test_probability_threshold(tmp_path: Path) -> None:
+    """With 4 classes the top probability is rarely 0.99, so most pixels fall back to the background class."""
+    result = _run(scenes.multispectral(tmp_path / "scene.tif", count=3), "--prob-thd", "0.99", "--bg-class", "3")
+    assert result.exit_code == 0, result.output
+    with rasterio.open(tmp_path / "out.tif") as src:
+        labels = src.read(1)
+    assert (labels[:, scenes.NODATA_COLS :] == 3).mean() > 0.5
+    assert (labels[:, : scenes.NODATA_COLS] == 255).all()  # nodata stays nodata, whatever the threshold
+
+
+def test_summary_and_overwrite(tmp_path: Path) -> None:
+    source = scenes.multispectral(tmp_path / "scene.tif", count=3)
+    (tmp_path / "out.tif").write_text("old")
+    result = _run(source, "--overwrite")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:4]] == scenes.CLASS_NAMES  # pixels and m2 per class
+    assert all(line.endswith(" m2") for line in lines[:4])
+    assert lines[4].startswith(f"wrote {tmp_path / 'out.tif'}") and len(lines) == 5
+    assert "encode" in result.stderr  # the progress bars
+    with rasterio.open(tmp_path / "out.tif") as src:
+        assert src.count == 1
+
+
+# -- bad inputs: one line on stderr, exit code 2, nothing written -------------------------------------------------
+
+
+def _ms(folder: Path) -> Path:
+    return scenes.multispectral(folder / "scene.tif")
+
+
+def _truncated(folder: Path) -> Path:
+    data = _ms(folder).read_bytes()
+    (folder / "scene.tif").write_bytes(data[: len(data) // 2])
+    return folder / "scene.tif"
+
+
+def _text(folder: Path) -> Path:
+    (folder / "scene.tif").write_text("EPSG:32632 is not a raster\n")
+    return folder / "scene.tif"
+
+
+def _folder(folder: Path) -> Path:
+    (folder / "scene.tif").mkdir()
+    return folder / "scene.tif"
+
+
+def _existing(name: str) -> Callable[[Path], list[str]]:
+    def setup(folder: Path) -> list[str]:
+        (folder / name).write_text("keep me")
+        return _args(_ms(folder))
+
+    return setup
+
+
+BAD_INPUTS: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    "missing file": (lambda f: _args(f / "missing.tif"), "input raster .*missing.tif does not exist"),
+    "folder, not a file": (lambda f: _args(_folder(f)), "input raster .*scene.tif is a folder"),
+    "corrupt file": (lambda f: _args(_truncated(f)), "cannot read .*scene.tif as a raster"),
+    "not a raster": (lambda f: _args(_text(f)), "not recognized as being in a supported file format"),
+    "two bands without --bands": (lambda f: _args(scenes.two_bands(f / "two.tif")),
+                                  r"has 2 colour band\(s\) but RGB needs 3 \(pass --bands"),
+    "band out of range": (lambda f: _args(_ms(f), "--bands", "1,2,9"), "band 9 is out of range: .* has bands 1..5"),
+    "bands not numbers": (lambda f: _args(_ms(f), "--bands", "r,g,b"), "comma-separated"),
+    "empty class name": (lambda f: _args(_ms(f), classes="road;;water"), "empty name or synonym"),
+    "empty synonym": (lambda f: _args(_ms(f), classes="road,;water"), "empty name or synonym"),
+    "empty class list": (lambda f: _args(_ms(f), classes=""), "empty class list"),
+    "duplicate class": (lambda f: _args(_ms(f), classes="road;water;Road"), "duplicate query 'Road'"),
+    "one class": (lambda f: _args(_ms(f), classes="water"), "at least 2 classes"),
+    "no classes": (lambda f: _args(_ms(f), classes=None), "give exactly one of --classes"),
+    "missing class file": (lambda f: _args(_ms(f), "--classes-file", str(f / "c.txt"), classes=None),
+                           "class file not found"),
+    "bg class out of range": (lambda f: _args(_ms(f), "--bg-class", "4"), "--bg-class 4 is not a class index"),
+    "output is the input": (lambda f: _args(_ms(f), output="scene.tif"), "output .*scene.tif is the input"),
+    "existing output": (_existing("out.tif"), "out.tif already exists .*--overwrite"),
+    "existing report": (_existing("out.json"), "out.json already exists"),
+    "unknown model preset": (lambda f: _args(_ms(f), "--vlm", "clip-b99"), "--vlm 'clip-b99' is neither a preset"),
+    "missing model path": (lambda f: _args(_ms(f), "--vfm", str(f / "dino.safetensors")),
+                           "--vfm .*dino.safetensors' is neither a preset, an existing file"),
+    "missing output folder": (lambda f: _args(_ms(f), output="no/out.tif"), "output folder .*no does not exist"),
+    "unknown vector format": (lambda f: _args(_ms(f), "--vector", str(f / "v.shp")), "unknown extension '.shp'"),
+    "class map not a GeoTIFF": (lambda f: _args(_ms(f), output="out.png"), "unknown extension '.png'"),
+    "model resolution": (lambda f: _args(_ms(f), "--model-res", "40"), "not a multiple of the VFM patch size"),
+    "entirely nodata": (lambda f: _args(scenes.all_nodata(f / "nodata.tif")), "entirely nodata"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input(tmp_path: Path, name: str) -> None:
+    setup, message = BAD_INPUTS[name]
+    _assert_fails_cleanly(tmp_path, setup(tmp_path), message)
+
+
+def test_unwritable_output_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    # root may write anywhere, whatever the mode: os.access reports the folder as others would see it
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    args = _args(_ms(tmp_path), output="locked/out.tif")
+    _assert_fails_cleanly(tmp_path, args, "output folder .*locked is not writable")
+
+
+def _assert_fails_cleanly(folder: Path, args: list[str], message: str) -> None:
+    """Exit code 2, one line "Error: ..." matching ``message`` on stderr, and no file created or changed."""
+    before = _snapshot(folder)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    error = result.stderr.rstrip("\n")
+    assert "\n" not in error and error.startswith("Error: ")
+    assert re.search(message, error), error
+    assert _snapshot(folder) == before
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` with its content (None for folders)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+# -- resume -------------------------------------------------------------------------------------------------------
+
+
+def _state(workdir: Path) -> dict | None:
+    for path in workdir.glob("*/state.json"):
+        return json.loads(path.read_text())  # replaced atomically, so never half-written
+    return None
+
+
+def _wait_for_progress(process: subprocess.Popen, workdir: Path, timeout_s: float = 120.0) -> dict | None:
+    """The store's state as soon as one encoder batch is recorded; None if the process ended first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        state = _state(workdir)
+        if state is not None and state["next_tile"] > 0:
+            return state
+        time.sleep(0.01)
+    return None
+
+
+def test_resume_after_kill_gives_identical_bytes(tmp_path: Path, cache_dir: Path) -> None:
+    """A run killed (SIGKILL) during the encode pass resumes from its store and writes the same bytes as a run
+    that was never interrupted. 6 x 7 = 42 tiles of 32 px, 2 per encoder batch."""
+    source = scenes.rgb(tmp_path / "scene.tif", scenes.random_rgb(192, 224, seed=7))
+
+    def args(name: str, workdir: Path) -> list[str]:
+        return ["segment", str(source), "-o", str(tmp_path / f"{name}.tif"), "--probabilities",
+                str(tmp_path / f"{name}-probs.tif"), "--workdir", str(workdir), "--classes", scenes.CLASSES,
+                *scenes.TINY, "--tile-size", "32", "--model-res", "32", "--batch-size", "2", "-q"]
+
+    killed_work = tmp_path / "work-killed"
+    env = {**os.environ, "CONINFER_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}  # one thread, as in this process
+    process = subprocess.Popen([sys.executable, "-m", "coninfer", *args("resumed", killed_work)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        progress = _wait_for_progress(process, killed_work)
+    finally:
+        process.kill()  # SIGKILL: no clean-up at all, like a power cut or the out-of-memory killer
+        _, stderr = process.communicate(timeout=60)
+    assert progress is not None, f"the run ended before its first encoder batch was stored: {stderr.decode()[-2000:]}"
+    assert process.returncode == -signal.SIGKILL
+    killed_at = _state(killed_work)["next_tile"]
+    assert 0 < killed_at < 42 and not (tmp_path / "resumed.tif").exists()
+
+    resumed = CliRunner().invoke(main, args("resumed", killed_work))
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((tmp_path / "resumed.json").read_text())["tiles"]["resumed_from"] == killed_at
+    fresh = CliRunner().invoke(main, args("fresh", tmp_path / "work-fresh"))
+    assert fresh.exit_code == 0, fresh.output
+    assert (tmp_path / "resumed.tif").read_bytes() == (tmp_path / "fresh.tif").read_bytes()
+    assert (tmp_path / "resumed-probs.tif").read_bytes() == (tmp_path / "fresh-probs.tif").read_bytes()

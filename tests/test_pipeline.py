@@ -1,0 +1,297 @@
+"""Tests of coninfer.pipeline: settings, devices, tile batches, encoding, solving, golden fixture E end to end."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import scenes
+from coninfer.encoders.clip import DenseCLIPSettings, build_tiny_clip
+from coninfer.encoders.convert_clip import load_clip
+from coninfer.encoders.convert_dinov3 import load_vfm
+from coninfer.encoders.dinov3 import build_tiny_dinov3
+from coninfer.errors import InputError
+from coninfer.pipeline import (
+    InferenceSettings,
+    Models,
+    TileResult,
+    as_tile_batch,
+    encode_tiles,
+    infer_tiles,
+    resolve_device,
+    resolve_dtype,
+    solve,
+    to_model_input,
+)
+from coninfer.prompts import ClassList
+from coninfer.solver import refine
+
+EXACT = ((128 / 255,) * 3, (64 / 255,) * 3)
+"""Normalisation that turns uint8 u into (u - 128) / 64 exactly, the golden fixtures' model input."""
+
+
+def _unit_rows(rows: int, columns: int, seed: int) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    with scenes.one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def models() -> Models:
+    """Tiny random CLIP (patch 16, 32-d embeddings) and DINOv3 (64-d), 3 classes / 4 queries."""
+    classes = ClassList.parse("building,roof;road;water")
+    return Models(build_tiny_clip(seed=0), build_tiny_dinov3(seed=0), classes, _unit_rows(4, 32, seed=1))
+
+
+@pytest.fixture(scope="module")
+def tiles() -> np.ndarray:
+    """(3, 40, 56, 3) uint8: non-square tiles, resized to the model resolution."""
+    return np.random.default_rng(0).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+
+
+class TestInferenceSettings:
+    def test_defaults_are_the_paper_config(self) -> None:
+        settings = InferenceSettings()
+        assert (settings.model_res, settings.temperature, settings.iterations, settings.prior_scale) == (448, 50, 10, 100)
+        assert (settings.init_topk, settings.logit_scale, settings.prob_thd, settings.method) == (8, 5.0, 0.0, "coninfer")
+
+    @pytest.mark.parametrize(("kwargs", "field"), [
+        ({"model_res": 8}, "model_res"), ({"model_res": 33}, "model_res"), ({"method": "sam"}, "method"),
+        ({"vfm_features": "dino"}, "vfm_features"), ({"prob_thd": 1.5}, "prob_thd"), ({"prob_thd": -0.1}, "prob_thd"),
+        ({"logit_scale": 0.0}, "logit_scale"), ({"temperature": 0.0}, "temperature"),
+        ({"iterations": -1}, "iterations"), ({"prior_scale": float("inf")}, "prior_scale"),
+        ({"init_topk": 0}, "init_topk"), ({"bg_idx": -1}, "bg_idx"),
+    ])  # fmt: skip
+    def test_invalid_field_is_named(self, kwargs: dict, field: str) -> None:
+        with pytest.raises(InputError, match=field):
+            InferenceSettings(**kwargs)
+
+    def test_solver_settings_carry_the_numbers(self) -> None:
+        solver = InferenceSettings(temperature=20.0, iterations=3, prior_scale=50.0, init_topk=4).solver_settings()
+        assert (solver.temperature, solver.iterations, solver.prior_scale, solver.init_topk) == (20.0, 3, 50.0, 4)
+
+
+class TestResolveDevice:
+    def test_auto_follows_cuda_availability(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert resolve_device("auto") == torch.device("cpu")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert resolve_device("auto") == torch.device("cuda")
+
+    def test_explicit_cpu(self) -> None:
+        assert resolve_device("cpu") == torch.device("cpu")
+        assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+    def test_unknown_device(self) -> None:
+        with pytest.raises(InputError, match="unknown device 'gpu0'") as error:
+            resolve_device("gpu0")
+        assert "cuda:N" in error.value.hint
+
+    def test_cuda_without_cuda(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(InputError, match="CUDA is not available") as error:
+            resolve_device("cuda:1")
+        assert error.value.hint == "use --device cpu"
+
+    def test_unsupported_backend(self) -> None:
+        with pytest.raises(InputError, match="meta"):
+            resolve_device("meta")
+
+
+class TestResolveDtype:
+    @pytest.mark.parametrize(("precision", "device", "dtype"), [
+        ("auto", "cpu", torch.float32), ("fp32", "cpu", torch.float32), ("auto", "cuda", torch.float16),
+        ("fp16", "cuda", torch.float16), ("bf16", "cuda", torch.bfloat16), ("fp32", "cuda", torch.float32),
+    ])  # fmt: skip
+    def test_choices(self, precision: str, device: str, dtype: torch.dtype) -> None:
+        assert resolve_dtype(precision, torch.device(device)) == dtype
+
+    def test_unknown_precision(self) -> None:
+        with pytest.raises(InputError, match="unknown precision 'fp64'"):
+            resolve_dtype("fp64", torch.device("cpu"))
+
+    @pytest.mark.parametrize("precision", ["fp16", "bf16"])
+    def test_half_precision_on_cpu(self, precision: str) -> None:
+        with pytest.raises(InputError, match=f"{precision} is not supported on the CPU") as error:
+            resolve_dtype(precision, torch.device("cpu"))
+        assert "fp32" in error.value.hint
+
+
+class TestModels:
+    def test_normalisation_defaults_to_the_models(self, models: Models) -> None:
+        assert models.clip_normalization == (models.clip.image_mean, models.clip.image_std)
+        assert models.vfm_normalization == (models.vfm.image_mean, models.vfm.image_std)
+
+    def test_query_count_must_match(self, models: Models) -> None:
+        with pytest.raises(InputError, match=r"query_embeddings must be \(K=4, E\)"):
+            Models(models.clip, models.vfm, models.classes, _unit_rows(3, 32, seed=0))
+
+    def test_grid_size(self, models: Models) -> None:
+        assert models.grid_size(448) == 28
+        with pytest.raises(InputError, match="not a multiple of the VFM patch size 16") as error:
+            models.grid_size(50)
+        assert "e.g. 48" in error.value.hint
+
+    def test_grid_without_vfm_uses_clip_patch(self, models: Models) -> None:
+        clip_only = Models(models.clip, None, models.classes, models.query_embeddings)
+        assert clip_only.vfm_normalization is None
+        assert clip_only.grid_size(64) == 4
+
+
+class TestTileBatch:
+    def test_layouts(self, tiles: np.ndarray) -> None:
+        from_hwc = as_tile_batch(tiles)
+        from_chw = as_tile_batch(np.moveaxis(tiles, -1, 1))
+        from_list = as_tile_batch([tiles[0], np.moveaxis(tiles[1], -1, 0)])
+        assert [tuple(t.shape) for t in from_hwc] == [(3, 40, 56)] * 3
+        assert all(torch.equal(a, b) for a, b in zip(from_hwc, from_chw, strict=True))
+        assert torch.equal(from_list[1], from_hwc[1])
+
+    def test_read_only_arrays(self, tiles: np.ndarray) -> None:
+        frozen = tiles.copy()
+        frozen.flags.writeable = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns when it is handed a read-only array
+            batch = as_tile_batch(frozen)
+        assert torch.equal(batch[0].permute(1, 2, 0), torch.from_numpy(tiles[0]))
+
+    @pytest.mark.parametrize(("images", "message"), [
+        ([np.zeros((8, 8, 3), np.float32)], "dtype"), ([np.zeros((8, 8), np.uint8)], "expected"),
+        ([np.zeros((8, 8, 4), np.uint8)], "RGB"), ([], "no tiles"),
+    ])  # fmt: skip
+    def test_bad_tiles(self, images: list, message: str) -> None:
+        with pytest.raises(InputError, match=message):
+            as_tile_batch(images)
+
+    def test_exact_normalisation(self, tiles: np.ndarray) -> None:
+        batch = as_tile_batch(tiles)
+        pixels = to_model_input([t[:, :, :40] for t in batch], 40, EXACT, "cpu", torch.float32)
+        expected = (torch.stack([t[:, :, :40] for t in batch]).float() - 128) / 64
+        assert torch.equal(pixels, expected)
+
+    def test_resize_keeps_a_constant_tile(self) -> None:
+        constant = [torch.full((3, 30, 50), 200, dtype=torch.uint8)]
+        pixels = to_model_input(constant, 32, EXACT, "cpu", torch.float32)
+        assert pixels.shape == (1, 3, 32, 32)
+        torch.testing.assert_close(pixels, torch.full_like(pixels, (200 - 128) / 64))
+
+
+class TestEncodeAndSolve:
+    def test_shapes_and_norms(self, models: Models, tiles: np.ndarray) -> None:
+        logits, features = encode_tiles(models, as_tile_batch(tiles), InferenceSettings(model_res=32))
+        assert logits.shape == (3, 4, 4) and logits.dtype == torch.float32
+        assert features.shape == (3, 4, 64)  # the VFM's width
+        torch.testing.assert_close(features.norm(dim=-1), torch.ones(3, 4))
+        assert float(logits.abs().max()) <= 1.0 + 1e-5  # cosine similarities
+
+    def test_clip_features(self, models: Models, tiles: np.ndarray) -> None:
+        settings = InferenceSettings(model_res=32, vfm_features="clip")
+        logits, features = encode_tiles(models, as_tile_batch(tiles), settings)
+        assert features.shape == (3, 4, 32)  # CLIP's own tokens, whose products with the queries are the logits
+        torch.testing.assert_close(features.float() @ models.query_embeddings.T, logits)
+
+    def test_vfm_needed(self, models: Models, tiles: np.ndarray) -> None:
+        clip_only = Models(models.clip, None, models.classes, models.query_embeddings)
+        with pytest.raises(InputError, match="needs a VFM") as error:
+            encode_tiles(clip_only, as_tile_batch(tiles), InferenceSettings(model_res=32))
+        assert "--vfm" in error.value.hint
+
+    def test_solve_is_the_solver(self) -> None:
+        logits, features = _unit_rows(40, 3, seed=2) * 0.3, _unit_rows(40, 8, seed=3)
+        z = solve(logits, features, InferenceSettings(temperature=20.0, iterations=4))
+        torch.testing.assert_close(z, refine(logits, features, temperature=20.0, iterations=4))
+
+    def test_baseline_is_the_prior(self) -> None:
+        logits, features = _unit_rows(40, 3, seed=2) * 0.3, _unit_rows(40, 8, seed=3)
+        z = solve(logits, features, InferenceSettings(method="baseline", prior_scale=30.0))
+        torch.testing.assert_close(z, torch.softmax(30.0 * logits, dim=-1))
+
+
+class TestInferTiles:
+    def test_results_at_each_tile_size(self, models: Models) -> None:
+        rng = np.random.default_rng(1)
+        images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)]
+        results = infer_tiles(models, images, InferenceSettings(model_res=32, init_topk=4))
+        assert [r.labels.shape for r in results] == [(40, 56), (20, 24)]
+        for result in results:
+            assert isinstance(result, TileResult)
+            assert result.labels.dtype == np.uint8 and result.probs.dtype == np.float32
+            assert result.probs.shape == (3, *result.labels.shape)
+            np.testing.assert_array_equal(result.labels, result.probs.argmax(axis=0))
+
+    def test_output_sizes(self, models: Models, tiles: np.ndarray) -> None:
+        results = infer_tiles(models, tiles, InferenceSettings(model_res=32), output_sizes=[(10, 12)] * 3)
+        assert {r.labels.shape for r in results} == {(10, 12)}
+
+    def test_baseline_without_vfm(self, models: Models, tiles: np.ndarray) -> None:
+        clip_only = Models(models.clip, None, models.classes, models.query_embeddings)
+        settings = InferenceSettings(model_res=32, method="baseline")
+        baseline = infer_tiles(clip_only, tiles, settings)
+        logits, _ = encode_tiles(clip_only, as_tile_batch(tiles), settings)
+        # the prior alone: a corner pixel takes the class of the top query of its corner patch (2 x 2 grid)
+        patch_classes = torch.tensor(models.classes.query_to_class)[logits.argmax(dim=-1)]  # (B, 4)
+        for result, expected in zip(baseline, patch_classes.tolist(), strict=True):
+            assert result.labels[[0, 0, -1, -1], [0, -1, 0, -1]].tolist() == expected
+
+    def test_prob_thd_gives_background(self, models: Models, tiles: np.ndarray) -> None:
+        results = infer_tiles(models, tiles, InferenceSettings(model_res=32, prob_thd=1.0, bg_idx=2))
+        assert all((r.labels == 2).all() for r in results)
+
+
+@pytest.fixture(scope="module")
+def golden_e2e(golden_dir: Path) -> tuple[dict, dict, Models]:
+    """Fixture E: the golden CLIP (C) and DINOv3 (D), the stored queries, and the exact (u8 - 128) / 64 input."""
+    with np.load(golden_dir / "e2e_case1.npz", allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    meta = json.loads(str(arrays["meta_json"]))
+    clip_settings = DenseCLIPSettings(meta["model_type"], meta["ignore_residual"], meta["attn_lambda"])
+    clip = load_clip(golden_dir / meta["clip_state_dict"], heads=4, settings=clip_settings)
+    dino_config = json.loads((golden_dir / "dinov3_vitl16sat_tiny_config.json").read_text())
+    vfm = load_vfm(golden_dir / meta["dino_state_dict"], num_heads=dino_config["DinoVisionTransformer_kwargs"]["num_heads"])
+    # one class per run of equal query_idx values; the synonyms of a class are separate queries
+    classes = ClassList.from_names([
+        ",".join(f"q{query}" for query in np.flatnonzero(arrays["query_idx"] == cls))
+        for cls in range(int(arrays["query_idx"].max()) + 1)
+    ])
+    assert classes.query_to_class == tuple(arrays["query_idx"].tolist())
+    queries = torch.from_numpy(arrays["query_features"])
+    models = Models(clip, vfm, classes, queries, clip_normalization=EXACT, vfm_normalization=EXACT)
+    return arrays, meta, models
+
+
+class TestGoldenEndToEnd:
+    """Golden fixture E: official predict -> dense_forward -> gmm_fitting -> postprocess on two 448 px images."""
+
+    @staticmethod
+    def _settings(meta: dict) -> InferenceSettings:
+        return InferenceSettings(model_res=448, temperature=meta["gmm_temp"], logit_scale=meta["logit_scale"],
+                                 prob_thd=meta["prob_thd"], bg_idx=meta["bg_idx"])
+
+    def test_encode_and_solve(self, golden_e2e: tuple[dict, dict, Models]) -> None:
+        arrays, meta, models = golden_e2e
+        tiles = as_tile_batch(arrays["images_u8"])
+        logits, features = encode_tiles(models, tiles, self._settings(meta))
+        np.testing.assert_allclose(logits.numpy(), arrays["clip_logits"], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(features.numpy(), arrays["dino_feats"], atol=1e-4, rtol=0)
+        batch, patches, queries = logits.shape
+        z = solve(logits.reshape(batch * patches, queries), features.reshape(batch * patches, -1), self._settings(meta))
+        np.testing.assert_allclose(z.numpy(), arrays["z"], atol=2e-4, rtol=0)
+
+    def test_labels(self, golden_e2e: tuple[dict, dict, Models]) -> None:
+        arrays, meta, models = golden_e2e
+        images = np.moveaxis(arrays["images_u8"], 1, -1)  # (B, 3, H, W) -> (B, H, W, 3)
+        results = infer_tiles(models, images, self._settings(meta), output_sizes=[tuple(meta["ori_shape"])] * 2)
+        labels = np.stack([r.labels for r in results])
+        assert labels.shape == arrays["pred"].shape
+        robust = ~arrays["fragile"]
+        np.testing.assert_array_equal(labels[robust], arrays["pred"][robust])

@@ -1,0 +1,129 @@
+"""Tests for coninfer.postprocess: golden parity (section B), order of operations, ties, threshold, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coninfer.errors import InputError
+from coninfer.postprocess import (
+    class_probabilities,
+    labels_from_probabilities,
+    patches_to_grid,
+    postprocess,
+)
+
+
+def _bilinear_reference(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Half-pixel bilinear resize (h, w) -> (H, W) written from the README formula, in float64."""
+
+    def axis(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        source = np.maximum((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0)
+        low = np.floor(source).astype(int)
+        return low, np.minimum(low + 1, in_size - 1), source - low
+
+    y0, y1, fy = axis(height, grid.shape[0])
+    x0, x1, fx = axis(width, grid.shape[1])
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x1] * fx
+    bottom = grid[y1][:, x0] * (1 - fx) + grid[y1][:, x1] * fx
+    return top * (1 - fy)[:, None] + bottom * fy[:, None]
+
+
+class TestGolden:
+    def test_every_case_matches_official(self, golden_dir: Path) -> None:
+        cases = sorted(golden_dir.glob("post_case*.npz"))
+        assert cases, f"no post_case*.npz in {golden_dir}"
+        for path in cases:
+            with np.load(path, allow_pickle=False) as archive:
+                grid = patches_to_grid(torch.from_numpy(archive["z"]), 28, 28)
+                np.testing.assert_array_equal(grid.numpy(), archive["seg_grid"], err_msg=path.name)
+                result = postprocess(
+                    grid,
+                    tuple(int(size) for size in archive["ori_shape"]),
+                    archive["query_idx"].tolist(),
+                    logit_scale=float(archive["logit_scale"]),
+                    prob_thd=float(archive["prob_thd"]),
+                    bg_idx=int(archive["bg_idx"]),
+                )
+                robust = ~archive["fragile"]
+                labels = result.labels.numpy()
+                assert labels.shape == archive["pred"].shape, path.name
+                np.testing.assert_array_equal(labels[robust], archive["pred"][robust], err_msg=path.name)
+                if "probs" in archive.files:
+                    np.testing.assert_allclose(result.probabilities.numpy(), archive["probs"], rtol=0, atol=1e-6)
+
+
+class TestClassProbabilities:
+    def test_bilinear_half_pixel_on_raw_z(self) -> None:
+        """Two queries, z1 = 0, scale 1: p0 = sigmoid(upsample(z0)), so the resize is observable exactly."""
+        rng = np.random.default_rng(0)
+        z0 = rng.uniform(0, 1, size=(3, 4))
+        grid = torch.from_numpy(np.stack([z0, np.zeros_like(z0)])).float()
+        probabilities = class_probabilities(grid, (7, 5), [0, 1], logit_scale=1.0)
+        expected = 1 / (1 + np.exp(-_bilinear_reference(z0, 7, 5)))
+        assert probabilities.shape == (2, 7, 5)
+        np.testing.assert_allclose(probabilities[0].numpy(), expected, atol=1e-6)
+
+    def test_synonyms_take_the_max_not_the_sum(self) -> None:
+        grid = torch.tensor([0.9, 0.5, 0.7, 0.1]).reshape(1, 4, 1, 1)
+        probabilities = class_probabilities(grid, (1, 1), [0, 1, 0, 1], logit_scale=5.0)
+        query = torch.softmax(grid.flatten() * 5.0, dim=0)
+        torch.testing.assert_close(probabilities.flatten(), torch.stack([query[[0, 2]].max(), query[[1, 3]].max()]))
+        assert probabilities.sum() < 1  # no re-normalisation
+
+    def test_unbatched_matches_batched(self) -> None:
+        grid = torch.rand(2, 5, 6, 4)
+        batched = class_probabilities(grid, (13, 9), [0, 1, 1, 2, 3])
+        single = class_probabilities(grid[1], (13, 9), torch.tensor([0, 1, 1, 2, 3]))
+        assert batched.shape == (2, 4, 13, 9) and single.shape == (4, 13, 9)
+        torch.testing.assert_close(single, batched[1], rtol=0, atol=0)
+
+    def test_patches_to_grid_is_row_major_per_image(self) -> None:
+        z = torch.arange(2 * 3 * 4 * 2, dtype=torch.float32).reshape(24, 2)
+        grid = patches_to_grid(z, 3, 4)
+        assert grid.shape == (2, 2, 3, 4)
+        # patch (row y, column x) of image b is flat index b*12 + y*4 + x
+        assert grid[1, 0, 2, 3] == z[1 * 12 + 2 * 4 + 3, 0]
+        assert grid[0, 1, 1, 0] == z[4, 1]
+
+    @pytest.mark.parametrize(
+        ("mapping", "message"),
+        [([0, 1], "entries"), ([0, 2, 2], "have no query"), ([0, -1, 1], "negative")],
+    )
+    def test_bad_query_to_class(self, mapping: list[int], message: str) -> None:
+        with pytest.raises(InputError, match=message):
+            class_probabilities(torch.rand(3, 2, 2), (4, 4), mapping)
+
+    def test_bad_shapes(self) -> None:
+        with pytest.raises(InputError, match="B\\*3\\*3"):
+            patches_to_grid(torch.rand(10, 2), 3, 3)
+        with pytest.raises(InputError, match="z_grid"):
+            class_probabilities(torch.rand(4, 4), (8, 8), [0, 1])
+        with pytest.raises(InputError, match="out_size"):
+            class_probabilities(torch.rand(2, 4, 4), (0, 8), [0, 1])
+
+
+class TestLabels:
+    def test_first_index_wins_ties(self) -> None:
+        probabilities = torch.tensor([0.4, 0.4, 0.2]).reshape(3, 1, 1).expand(3, 2, 2)
+        assert (labels_from_probabilities(probabilities) == 0).all()
+        probabilities = torch.tensor([0.2, 0.4, 0.4]).reshape(3, 1, 1).expand(3, 2, 2)
+        assert (labels_from_probabilities(probabilities) == 1).all()
+
+    def test_threshold_is_strict(self) -> None:
+        probabilities = torch.tensor([[0.5, 0.3], [0.2, 0.25]]).reshape(2, 1, 2)  # (C, H, W); maxima 0.5, 0.3
+        labels = labels_from_probabilities(probabilities, prob_thd=0.3, bg_idx=7)
+        assert labels.dtype == torch.int64
+        assert labels.tolist() == [[0, 0]]  # 0.3 is not < 0.3
+        labels = labels_from_probabilities(probabilities, prob_thd=0.31, bg_idx=7)
+        assert labels.tolist() == [[0, 7]]
+
+    def test_postprocess_combines_both_halves(self) -> None:
+        grid = torch.rand(2, 4, 5, 5)
+        result = postprocess(grid, (11, 12), [0, 0, 1, 2], prob_thd=0.3, bg_idx=2)
+        torch.testing.assert_close(result.probabilities, class_probabilities(grid, (11, 12), [0, 0, 1, 2]))
+        torch.testing.assert_close(result.labels, labels_from_probabilities(result.probabilities, 0.3, 2))
+        assert result.labels.shape == (2, 11, 12)

@@ -1,0 +1,306 @@
+"""Tests of coninfer.scene: the Segmenter's store, contexts, stitching and outputs, with the tiny random models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.errors import RasterioIOError
+
+import scenes
+from coninfer.errors import InputError, InputFileError, OutputError
+from coninfer.pipeline import InferenceSettings, Models, encode_tiles, load_models
+from coninfer.postprocess import class_probabilities, patches_to_grid
+from coninfer.prompts import ClassList
+from coninfer.raster import read
+from coninfer.scene import SceneOptions, Segmenter, TileStore, check_outputs
+from coninfer.solver import refine
+
+TILE = 32
+SETTINGS = InferenceSettings(model_res=32)  # 2 x 2 patches per tile
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    with scenes.one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    return load_models(ClassList.parse(scenes.CLASSES), vlm="tiny-random", vfm="tiny-random", device="cpu",
+                       cache_dir=tmp_path_factory.mktemp("text-cache"))
+
+
+@pytest.fixture(scope="module")
+def segmenter(models: Models) -> Segmenter:
+    return Segmenter.from_models(models, SETTINGS)
+
+
+def _tiles_of(image: np.ndarray, tile: int) -> list[torch.Tensor]:
+    """Row-major (3, tile, tile) tiles of an (H, W, 3) image whose sides are multiples of ``tile``."""
+    rows, cols = image.shape[0] // tile, image.shape[1] // tile
+    return [torch.from_numpy(np.moveaxis(image[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile], -1, 0).copy())
+            for r in range(rows) for c in range(cols)]  # fmt: skip
+
+
+class TestSceneOptions:
+    @pytest.mark.parametrize(("kwargs", "field"), [
+        ({"tile_size": 8}, "tile_size"), ({"overlap": 16}, "overlap"), ({"overlap": -1}, "overlap"),
+        ({"context": "image"}, "context"), ({"context_size": 0}, "context_size"), ({"batch_size": 0}, "batch_size"),
+        ({"solver_chunk_tiles": 0}, "solver_chunk_tiles"),
+    ])  # fmt: skip
+    def test_invalid_field_is_named(self, kwargs: dict, field: str) -> None:
+        with pytest.raises(InputError, match=field):
+            SceneOptions(**{"tile_size": 32, **kwargs})
+
+
+class TestTileStore:
+    def test_progress_and_data_survive_reopening(self, tmp_path: Path) -> None:
+        store = TileStore(tmp_path, num_tiles=3, num_patches=4, num_queries=2)
+        logits = np.arange(16, dtype=np.float32).reshape(2, 4, 2)
+        features = np.full((2, 4, 5), 0.25, np.float32)
+        store.put([0, 2], logits, features, np.ones((2, 4), np.uint8))
+        store.commit(3, empty=[1])
+        reopened = TileStore(tmp_path, num_tiles=3, num_patches=4, num_queries=2)
+        assert reopened.state == {"version": 1, "next_tile": 3, "empty": [1], "feature_dim": 5, "solved": False}
+        np.testing.assert_array_equal(reopened.logits[[0, 2]], logits)
+        assert reopened.features.dtype == np.float16 and float(reopened.features[2, 3, 4]) == 0.25
+        np.testing.assert_array_equal(reopened.valid[1], 0)
+
+    def test_a_fresh_folder_starts_at_tile_zero(self, tmp_path: Path) -> None:
+        store = TileStore(tmp_path, num_tiles=2, num_patches=4, num_queries=2)
+        assert store.state["next_tile"] == 0 and store.features is None
+        assert not (tmp_path / "state.json").exists()  # nothing is recorded before the first commit
+
+
+class TestContexts:
+    """Each context over the chunked on-disk store equals the in-memory solver on the same numbers."""
+
+    ROWS, COLS, BATCH = 3, 4, 3
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def image(cls) -> np.ndarray:
+        return scenes.random_rgb(cls.ROWS * TILE, cls.COLS * TILE, seed=3)
+
+    def _reference(self, models: Models, image: np.ndarray, contexts: list[list[int]] | None) -> np.ndarray:
+        """Probabilities (C, H, W) from encode_tiles (same batches as the store) and refine() per context
+        (None: the prior alone), features rounded to float16 like the store's."""
+        tiles = _tiles_of(image, TILE)
+        parts = [encode_tiles(models, tiles[i : i + self.BATCH], SETTINGS) for i in range(0, len(tiles), self.BATCH)]
+        logits, features = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).half()
+        z = torch.softmax(SETTINGS.prior_scale * logits, dim=-1)  # (T, P, K)
+        for context in contexts or []:
+            num_queries = logits.shape[-1]
+            z[context] = refine(logits[context].reshape(-1, num_queries),
+                                features[context].reshape(-1, features.shape[-1])).reshape(len(context), -1, num_queries)
+        probs = class_probabilities(patches_to_grid(z.reshape(-1, z.shape[-1]), 2, 2), (TILE, TILE),
+                                    models.classes.query_to_class, SETTINGS.logit_scale)  # (T, C, tile, tile)
+        classes = probs.shape[1]
+        # (rows*cols, C, tile, tile) -> (rows, cols, C, tile, tile) -> (C, rows, tile, cols, tile) -> (C, H, W)
+        grid = probs.reshape(self.ROWS, self.COLS, classes, TILE, TILE).permute(2, 0, 3, 1, 4)
+        return grid.reshape(classes, self.ROWS * TILE, self.COLS * TILE).numpy()
+
+    @pytest.mark.parametrize(("context", "context_size", "groups"), [
+        ("scene", 50, [list(range(12))]), ("batch", 5, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]),
+        ("none", 50, None),
+    ])  # fmt: skip
+    def test_equals_in_memory_solver(self, segmenter: Segmenter, models: Models, image: np.ndarray, context: str,
+                                     context_size: int, groups: list[list[int]] | None) -> None:
+        options = SceneOptions(tile_size=TILE, context=context, context_size=context_size, batch_size=self.BATCH,
+                               solver_chunk_tiles=2)
+        labels, probs = segmenter.segment_array(image, options)
+        np.testing.assert_allclose(probs, self._reference(models, image, groups), atol=2e-5, rtol=0)
+        np.testing.assert_array_equal(labels, probs.argmax(axis=0))
+
+    def test_contexts_differ(self, segmenter: Segmenter, image: np.ndarray) -> None:
+        """The checks above can fail: the scene fit moves the probabilities away from the prior."""
+        results = [segmenter.segment_array(image, SceneOptions(tile_size=TILE, context=context))[1]
+                   for context in ("scene", "none")]
+        assert float(np.abs(results[0] - results[1]).max()) > 0.05
+
+    def test_none_context_is_the_baseline(self, models: Models, image: np.ndarray) -> None:
+        options = SceneOptions(tile_size=TILE, context="none")
+        prior = Segmenter.from_models(models, SETTINGS).segment_array(image, options)
+        baseline = Segmenter.from_models(models, InferenceSettings(model_res=32, method="baseline"))
+        np.testing.assert_array_equal(baseline.segment_array(image, SceneOptions(tile_size=TILE))[1], prior[1])
+
+    def test_a_sliver_context_keeps_the_prior(self, segmenter: Segmenter, caplog: pytest.LogCaptureFixture) -> None:
+        """Tile 2 holds 2 valid columns, so no valid patch: alone in its batch context it cannot be fitted."""
+        image = scenes.random_rgb(TILE, 2 * TILE + 2, seed=4)
+        batch = segmenter.segment_array(image, SceneOptions(tile_size=TILE, context="batch", context_size=2))
+        prior = segmenter.segment_array(image, SceneOptions(tile_size=TILE, context="none"))
+        assert "keep the CLIP prior" in caplog.text
+        np.testing.assert_array_equal(batch[1][:, :, 2 * TILE :], prior[1][:, :, 2 * TILE :])
+        assert not np.array_equal(batch[1][:, :, : 2 * TILE], prior[1][:, :, : 2 * TILE])
+        assert (batch[0] < 4).all()
+
+    def test_scene_smaller_than_a_tile(self, segmenter: Segmenter) -> None:
+        labels, probs = segmenter.segment_array(scenes.random_rgb(20, 27, seed=5), SceneOptions(tile_size=TILE))
+        assert labels.shape == (20, 27) and probs.shape == (4, 20, 27)
+        np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
+
+
+def _steps(probs: np.ndarray, axis: int) -> np.ndarray:
+    """Largest change of any class probability between neighbouring pixels of (C, H, W) along ``axis`` (1: down
+    the rows, 2: across the columns); entry x is the step from x to x + 1."""
+    return np.abs(np.diff(probs, axis=axis)).max(axis=tuple({0, 1, 2} - {axis}))
+
+
+class TestSeams:
+    """Every tile of a constant image sees the same pixels, yet the probabilities vary with the position inside a
+    tile (positional embeddings), so neighbouring tiles disagree where they meet."""
+
+    def test_overlap_is_as_smooth_as_a_tile(self, segmenter: Segmenter) -> None:
+        overlap, stride = 12, TILE - 12
+        constant = np.full((2 * stride + overlap, 3 * stride + overlap, 3), 120, np.uint8)  # no padded tile
+        _, probs = segmenter.segment_array(constant, SceneOptions(tile_size=TILE, overlap=overlap))
+        for axis, starts in ((2, [stride, 2 * stride]), (1, [stride])):
+            steps = _steps(probs, axis)
+            band = np.zeros(steps.shape, bool)
+            for start in starts:
+                band[start - 1 : start + overlap] = True  # the steps into, across and out of an overlap
+            assert steps[band].max() <= 2 * steps[~band].max()
+
+    def test_without_overlap_tiles_leave_a_seam(self, segmenter: Segmenter) -> None:
+        """The control: the check above would fail without blending."""
+        _, probs = segmenter.segment_array(np.full((2 * TILE, 3 * TILE, 3), 120, np.uint8), SceneOptions(TILE))
+        for axis, starts in ((2, [TILE, 2 * TILE]), (1, [TILE])):
+            steps = _steps(probs, axis)
+            border = [start - 1 for start in starts]
+            assert steps[border].min() > 10 * np.delete(steps, border).max()
+
+
+class TestSegmentArray:
+    def test_labels_and_probabilities(self, segmenter: Segmenter) -> None:
+        labels, probs = segmenter.segment_array(scenes.random_rgb(40, 70), SceneOptions(tile_size=TILE, overlap=4))
+        assert labels.shape == (40, 70) and labels.dtype == np.uint8
+        assert probs.shape == (4, 40, 70) and probs.dtype == np.float32
+        np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)  # one query per class: a softmax
+        np.testing.assert_array_equal(labels, probs.argmax(axis=0))
+
+    def test_same_as_the_file(self, segmenter: Segmenter, tmp_path: Path) -> None:
+        pixels = scenes.random_rgb(40, 70, seed=1)
+        options = SceneOptions(tile_size=TILE, overlap=4)
+        labels, _ = segmenter.segment_array(pixels, options)
+        segmenter.segment_file(scenes.rgb(tmp_path / "a.tif", pixels), tmp_path / "out.tif", options,
+                               workdir=tmp_path / "work", progress=False)
+        with rasterio.open(tmp_path / "out.tif") as src:
+            np.testing.assert_array_equal(src.read(1), labels)
+
+    @pytest.mark.parametrize("array", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8),
+                                       np.zeros((8, 8, 3), np.float32)])
+    def test_bad_array(self, segmenter: Segmenter, array: np.ndarray) -> None:
+        with pytest.raises(InputError, match=r"\(H, W, 3\) uint8"):
+            segmenter.segment_array(array)
+
+
+class TestSegmentFile:
+    OPTIONS = SceneOptions(tile_size=TILE, overlap=4, batch_size=4)
+
+    def test_report_and_workdir(self, segmenter: Segmenter, tmp_path: Path) -> None:
+        source = scenes.multispectral(tmp_path / "ms.tif")
+        report = segmenter.segment_file(source, tmp_path / "classes.tif", self.OPTIONS, bands=(3, 2, 1),
+                                        workdir=tmp_path / "work", keep_workdir=True, progress=False)
+        assert json.loads((tmp_path / "classes.json").read_text()) == report  # default report path
+        assert report["settings"]["bands"] == [3, 2, 1]
+        assert report["tiles"] == {"total": 6, "empty": 0, "encoded": 6, "resumed_from": 0,
+                                   "tiles_per_s": report["tiles"]["tiles_per_s"]}
+        state = json.loads(next((tmp_path / "work").glob("*/state.json")).read_text())
+        assert state["next_tile"] == 6 and state["solved"]
+
+    def test_empty_tiles_are_skipped(self, segmenter: Segmenter, tmp_path: Path) -> None:
+        """Tiles in the nodata columns are never encoded and stay nodata in the class map."""
+        source = scenes.multispectral(tmp_path / "ms.tif", width=80, height=40)
+        with rasterio.open(source, "r+") as dst:  # nodata over the first 40 columns: tile 0 of each row is empty
+            dst.write(np.zeros((5, 40, 40), np.uint16), window=((0, 40), (0, 40)))
+        report = segmenter.segment_file(source, tmp_path / "out.tif", SceneOptions(tile_size=TILE), progress=False,
+                                        workdir=tmp_path / "work")
+        assert report["tiles"]["empty"] == 2 and report["tiles"]["encoded"] == 4
+        with rasterio.open(tmp_path / "out.tif") as src:
+            labels = src.read(1)
+        assert (labels[:, :40] == 255).all() and (labels[:, 40:] < 4).all()
+
+    def test_outputs_are_checked_first(self, segmenter: Segmenter, tmp_path: Path) -> None:
+        source = scenes.multispectral(tmp_path / "ms.tif")
+        with pytest.raises(InputError, match="two outputs share one path"):
+            segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, preview=tmp_path / "out.json")
+        with pytest.raises(InputError, match="vector .*v.shp: unknown extension '.shp'"):
+            segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, vector=tmp_path / "v.shp")
+        assert scenes.files_in(tmp_path) == {"ms.tif"}
+
+    def test_entirely_nodata(self, segmenter: Segmenter, tmp_path: Path) -> None:
+        with pytest.raises(InputError, match="entirely nodata"):
+            segmenter.segment_file(scenes.all_nodata(tmp_path / "n.tif"), tmp_path / "out.tif", self.OPTIONS,
+                                   workdir=tmp_path / "work")
+        assert scenes.files_in(tmp_path) == {"n.tif"}
+
+    def test_unwritable_workdir(self, segmenter: Segmenter, tmp_path: Path) -> None:
+        (tmp_path / "file").write_text("not a folder")
+        with pytest.raises(OutputError, match="cannot create the work folder") as error:
+            segmenter.segment_file(scenes.multispectral(tmp_path / "ms.tif"), tmp_path / "out.tif", self.OPTIONS,
+                                   workdir=tmp_path / "file" / "work")
+        assert "--workdir" in error.value.hint
+
+    def test_read_error_mid_run_leaves_no_output(self, segmenter: Segmenter, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        """A block GDAL cannot decode (a damaged file) while stitching: one-line error, no partial class map."""
+        source = scenes.multispectral(tmp_path / "ms.tif")
+        calls = []
+        original = read.read_window
+
+        def failing(scene, window, *, src=None):
+            calls.append(window)
+            if len(calls) > 8:  # 6 reads to encode, then the stitch pass
+                raise RasterioIOError("TIFFReadEncodedTile() failed")
+            return original(scene, window, src=src)
+
+        monkeypatch.setattr(read, "read_window", failing)
+        with pytest.raises(InputFileError, match=r"cannot read .*ms.tif at pixel window .*TIFFReadEncodedTile"):
+            segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, probabilities=tmp_path / "p.tif",
+                                   workdir=tmp_path / "work")
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["ms.tif"]  # no output, no .part file
+
+
+class TestCheckOutputs:
+    def test_report_next_to_the_class_map(self, tmp_path: Path) -> None:
+        outputs = check_outputs(tmp_path / "in.tif", tmp_path / "classes.TIF", preview=str(tmp_path / "p.png"))
+        assert outputs == {"class_map": tmp_path / "classes.TIF", "preview": tmp_path / "p.png",
+                           "report": tmp_path / "classes.json"}
+
+    @pytest.mark.parametrize(("kwargs", "message"), [
+        ({"out": "classes.png"}, "class map .*classes.png: unknown extension '.png'"),
+        ({"probabilities": "p.jpg"}, "probabilities .*p.jpg: unknown extension"),
+        ({"vector": "v.shp"}, "use a file name ending in .gpkg or .geojson or .json"),
+        ({"report": "sub/../classes.tif"}, "two outputs share one path"),
+    ])  # fmt: skip
+    def test_bad_names(self, tmp_path: Path, kwargs: dict, message: str) -> None:
+        (tmp_path / "sub").mkdir()
+        paths = {key: tmp_path / value for key, value in {"out": "classes.tif", **kwargs}.items()}
+        with pytest.raises(InputError, match=message):
+            check_outputs(tmp_path / "in.tif", **paths)
+
+    def test_file_checks(self, tmp_path: Path) -> None:
+        (tmp_path / "classes.json").write_text("{}")
+        with pytest.raises(OutputError, match="classes.json already exists"):
+            check_outputs(tmp_path / "in.tif", tmp_path / "classes.tif")
+        assert check_outputs(tmp_path / "in.tif", tmp_path / "classes.tif", overwrite=True)["report"].exists()
+        with pytest.raises(OutputError, match="is the input"):
+            check_outputs(tmp_path / "in.tif", tmp_path / "out.tif", probabilities=tmp_path / "in.tif")
+
+
+class TestPackage:
+    def test_segmenter_at_top_level_and_solver_alone_stays_light(self) -> None:
+        code = ("import sys; from coninfer import refine; "
+                "assert 'rasterio' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
+                "import coninfer; from coninfer.scene import Segmenter; assert coninfer.Segmenter is Segmenter")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr

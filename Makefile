@@ -2,6 +2,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
+# `make demo` runs the main job on the sample scene. Offline by default (tiny random models: the labels are
+# meaningless, the chain is real); `make demo VLM=clip-b16 VFM=dinov3-l16-sat` uses the paper's models
+# (downloaded into the Hugging Face cache on first use).
+DEMO_INPUT ?= ../shared/data/oem_koeln_50.tif
+VLM ?= tiny-random
+VFM ?= tiny-random
+CLASSES ?= building,roof;road,parking lot;tree;low vegetation,grass;water;bare soil
+
 .PHONY: setup test test-only demo lint clean
 
 $(PY):
@@ -17,6 +25,13 @@ test: setup
 
 test-only:
 	$(PY) -m pytest -q
+
+demo: setup
+	@test -f "$(DEMO_INPUT)" || { echo "demo input $(DEMO_INPUT) not found: run make demo DEMO_INPUT=your_scene.tif"; exit 2; }
+	mkdir -p out
+	$(VENV)/bin/coninfer segment "$(DEMO_INPUT)" -o out/demo.tif --classes "$(CLASSES)" --vlm $(VLM) --vfm $(VFM) \
+		--overlap 64 --probabilities out/demo_probs.tif --vector out/demo.gpkg --preview out/demo.png --overwrite
+	@echo "outputs in out/: demo.tif (class map), demo_probs.tif, demo.gpkg, demo.png, demo.json (report)"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -6,6 +6,7 @@ streamed from the on-disk store). Time per megapixel should stay flat (linear in
 
     python benchmarks/bench_scene.py                     # 5000 10000 20000
     python benchmarks/bench_scene.py --sizes 2000 4000   # quicker
+    python benchmarks/bench_scene.py --models full-random --device cuda --batch-size 50   # real model sizes
 """
 
 from __future__ import annotations
@@ -22,14 +23,27 @@ import numpy as np
 
 CHILD = """
 import json, resource, sys, time
+import torch
 from coninfer.scene import SceneOptions, Segmenter
+scene, out, workdir, models, device, batch = sys.argv[1:7]
+classes = "building,roof;road;tree;low vegetation;water"
 start = time.perf_counter()
-segmenter = Segmenter("building,roof;road;tree;low vegetation;water", vlm="tiny-random", vfm="tiny-random",
-                      device="cpu")
-report = segmenter.segment_file(sys.argv[1], sys.argv[2], SceneOptions(batch_size=16), workdir=sys.argv[3],
-                                progress=False)
+if models == "tiny":
+    segmenter = Segmenter(classes, vlm="tiny-random", vfm="tiny-random", device=device)
+else:  # full-size CLIP B/16 + DINOv3 L/16 with random weights: real arithmetic, meaningless labels
+    from bench_encoders import build_clip, build_dinov3
+    from coninfer.pipeline import Models
+    from coninfer.prompts import ClassList
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    parsed = ClassList.parse(classes)
+    queries = torch.nn.functional.normalize(torch.randn(len(parsed.queries), 512), dim=-1)
+    segmenter = Segmenter.from_models(Models(build_clip(device, dtype), build_dinov3(device, dtype, huge=False),
+                                             parsed, queries, torch.device(device), dtype))
+report = segmenter.segment_file(scene, out, SceneOptions(batch_size=int(batch)), workdir=workdir, progress=False)
 report["wall_s"] = time.perf_counter() - start
 report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if device.startswith("cuda"):
+    report["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
 print(json.dumps(report))
 """
 
@@ -59,6 +73,10 @@ def write_scene(path: Path, side: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 10000, 20000])
+    parser.add_argument("--models", choices=["tiny", "full-random"], default="tiny",
+                        help="tiny-random presets, or full-size CLIP B/16 + DINOv3 L/16 with random weights")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--keep", type=Path, default=None, help="folder to keep the scenes in (default: temporary)")
     args = parser.parse_args()
     rows = []
@@ -74,8 +92,10 @@ def main() -> None:
             out = folder / f"classes_{side}.tif"
             out.unlink(missing_ok=True)
             out.with_suffix(".json").unlink(missing_ok=True)
-            result = subprocess.run([sys.executable, "-c", CHILD, str(scene), str(out), str(folder / "work")],
-                                    check=True, capture_output=True, text=True)
+            command = [sys.executable, "-c", CHILD, str(scene), str(out), str(folder / "work"), args.models,
+                       args.device, str(args.batch_size)]
+            result = subprocess.run(command, check=True, capture_output=True, text=True,
+                                    cwd=Path(__file__).resolve().parent)
             report = json.loads(result.stdout.strip().splitlines()[-1])
             rows.append((side, report))
     base_side, base = rows[0]
@@ -88,7 +108,8 @@ def main() -> None:
         ratio = (timings["total_s"] / side**2) / base_rate
         print(f"{side:>8}{report['tiles']['total']:>7}{timings['total_s']:>9.1f}{report['tiles']['tiles_per_s']:>9.1f}"
               f"{timings['encode_s']:>10.1f}{timings['solve_s']:>9.1f}{timings['stitch_write_s']:>9.1f}"
-              f"{report['peak_rss_mb']:>13.0f}{ratio:>16.2f}")
+              f"{report['peak_rss_mb']:>13.0f}{ratio:>16.2f}"
+              + (f"  GPU peak {report['peak_gpu_gib']:.1f} GiB" if "peak_gpu_gib" in report else ""))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class TestTileStore:
         reopened = TileStore(tmp_path, num_tiles=3, num_patches=4, num_queries=2)
         assert reopened.state == {"version": 1, "next_tile": 3, "empty": [1], "feature_dim": 5, "solved": False}
         np.testing.assert_array_equal(reopened.logits[[0, 2]], logits)
-        assert reopened.features.dtype == np.float16 and float(reopened.features[2, 3, 4]) == 0.25
+        assert reopened.features.dtype == np.float16 and float(reopened.features[2][3, 4]) == 0.25
         np.testing.assert_array_equal(reopened.valid[1], 0)
 
     def test_a_fresh_folder_starts_at_tile_zero(self, tmp_path: Path) -> None:

@@ -262,12 +262,13 @@ def infer_tiles(models: Models, images, settings: InferenceSettings = InferenceS
     # (B, G*G, K) -> (B*G*G, K): one joint fit over every patch of every tile
     z = solve(logits.reshape(batch * patches, num_queries), features.reshape(batch * patches, -1), settings)
     grid = models.grid_size(settings.model_res)
-    z_grid = patches_to_grid(z.float().cpu(), grid, grid)  # (B, K, G, G)
+    # upsampling to full tile size is the heaviest step after the encoders: keep it on the models' device
+    z_grid = patches_to_grid(z.float(), grid, grid)  # (B*G*G, K) -> (B, K, G, G)
     results = []
     for index, tile in enumerate(tiles):
         size = tuple(output_sizes[index]) if output_sizes else tuple(tile.shape[1:])
         probs = class_probabilities(z_grid[index : index + 1], size, models.classes.query_to_class,
                                     settings.logit_scale)[0]
         labels = labels_from_probabilities(probs[None], settings.prob_thd, settings.bg_idx)[0]
-        results.append(TileResult(labels.numpy().astype(np.uint8), probs.numpy()))
+        results.append(TileResult(labels.to(torch.uint8).cpu().numpy(), probs.cpu().numpy()))
     return results

@@ -16,6 +16,7 @@ Three passes over a scene, each bounded in memory by a tile batch or a band of t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -77,8 +78,94 @@ class SceneOptions:
                 raise InputError(f"{name} must be >= 1 tile, got {getattr(self, name)}")
 
 
+GDAL_CACHE_MB = 256
+"""GDAL's block cache during a run (its default is 5% of RAM, which a scene-sized class map would fill)."""
+
+
+def _bounded_gdal_cache(function):
+    """Run ``function`` with GDAL_CACHEMAX = GDAL_CACHE_MB, unless the user set GDAL_CACHEMAX."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if "GDAL_CACHEMAX" in os.environ:
+            return function(*args, **kwargs)
+        import rasterio
+
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+class TileFile:
+    """A (tiles, patches[, channels]) array in a file, read and written tile by tile with pread/pwrite.
+
+    Unlike ``np.memmap``, pages read or written here are not mapped into the process, so resident memory stays
+    bounded by the tiles in hand however large the scene (the kernel's page cache still speeds up the passes).
+    Data written is visible to a later process as soon as the call returns, so a killed run loses nothing it
+    recorded as done.
+    """
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...], *, create: bool) -> None:
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.shape = shape
+        self.tile_shape = shape[1:]
+        self.tile_bytes = int(np.prod(self.tile_shape)) * self.dtype.itemsize
+        if create or not path.exists():
+            with open(path, "wb") as handle:  # sparse: only written tiles take disk space
+                handle.truncate(shape[0] * self.tile_bytes)
+        self._fd = os.open(path, os.O_RDWR)
+
+    def __getitem__(self, indices: int | Sequence[int]) -> np.ndarray:
+        """One tile ``tile_shape``, or (len(indices), *tile_shape) for a list of tile indexes."""
+        if isinstance(indices, (int, np.integer)):
+            return self._read_run(int(indices), 1)[0]
+        parts = [self._read_run(start, count) for start, count in _runs(indices)]
+        return np.concatenate(parts) if parts else np.empty((0, *self.tile_shape), self.dtype)
+
+    def __setitem__(self, indices: int | Sequence[int], values: np.ndarray) -> None:
+        indices = [int(indices)] if isinstance(indices, (int, np.integer)) else list(indices)
+        values = np.ascontiguousarray(values, dtype=self.dtype).reshape(len(indices), *self.tile_shape)
+        done = 0
+        for start, count in _runs(indices):
+            if start < 0 or start + count > self.shape[0]:
+                raise IndexError(f"tiles {start}..{start + count - 1} outside 0..{self.shape[0] - 1}")
+            os.pwrite(self._fd, values[done : done + count].tobytes(), start * self.tile_bytes)
+            done += count
+
+    def _read_run(self, start: int, count: int) -> np.ndarray:
+        if start < 0 or start + count > self.shape[0]:
+            raise IndexError(f"tiles {start}..{start + count - 1} outside 0..{self.shape[0] - 1}")
+        out = np.empty((count, *self.tile_shape), self.dtype)
+        read = os.preadv(self._fd, [memoryview(out).cast("B")], start * self.tile_bytes)
+        if read != out.nbytes:
+            raise OSError(f"{self.path}: short read of tiles {start}..{start + count - 1}")
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive runs of sorted-or-not tile indexes as (start, count), in the given order."""
+    indices = [int(i) for i in indices]
+    start = 0
+    while start < len(indices):
+        stop = start + 1
+        while stop < len(indices) and indices[stop] == indices[stop - 1] + 1:
+            stop += 1
+        yield indices[start], stop - start
+        start = stop
+
+
 class TileStore:
-    """Memory-mapped per-tile priors and features of one scene run, in ``folder``."""
+    """Per-tile priors, features, patch validity and solver output of one scene run, in ``folder``."""
 
     def __init__(self, folder: Path, num_tiles: int, num_patches: int, num_queries: int) -> None:
         self.folder = folder
@@ -87,31 +174,34 @@ class TileStore:
         self.state_path = folder / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {
             "version": _STORE_VERSION, "next_tile": 0, "empty": [], "feature_dim": None, "solved": False}
-        self.logits = self._map("logits.f32", np.float32, num_queries, "r+" if self.state["next_tile"] else "w+")
-        self.valid = self._map("valid.u8", np.uint8, None, "r+" if self.state["next_tile"] else "w+")
-        self.features: np.memmap | None = None
+        fresh = not self.state["next_tile"]
+        self.logits = self._file("logits.f32", np.float32, num_queries, create=fresh)
+        self.valid = self._file("valid.u8", np.uint8, None, create=fresh)
+        self.features: TileFile | None = None
         if self.state["feature_dim"]:
-            self.features = self._map("features.f16", np.float16, self.state["feature_dim"], "r+")
-        self.z = self._map("z.f32", np.float32, num_queries, "r+" if self.state["solved"] else "w+")
+            self.features = self._file("features.f16", np.float16, self.state["feature_dim"], create=False)
+        self.z = self._file("z.f32", np.float32, num_queries, create=not self.state["solved"])
         self.resumed_from = self.state["next_tile"]  # tiles an earlier, interrupted run already encoded
 
-    def _map(self, name: str, dtype, last: int | None, mode: str) -> np.memmap:
+    def close(self) -> None:
+        for array in (self.logits, self.valid, self.features, self.z):
+            if array is not None:
+                array.close()
+
+    def _file(self, name: str, dtype, last: int | None, *, create: bool) -> TileFile:
         shape = self.shape + ((last,) if last else ())
-        return np.memmap(self.folder / name, dtype=dtype, mode=mode, shape=shape)
+        return TileFile(self.folder / name, dtype, shape, create=create)
 
     def put(self, indices: Sequence[int], logits: np.ndarray, features: np.ndarray, valid: np.ndarray) -> None:
         if self.features is None:
             self.state["feature_dim"] = int(features.shape[-1])
-            self.features = self._map("features.f16", np.float16, features.shape[-1], "w+")
+            self.features = self._file("features.f16", np.float16, features.shape[-1], create=True)
         self.logits[indices] = logits
         self.features[indices] = features.astype(np.float16)
         self.valid[indices] = valid
 
     def commit(self, next_tile: int, empty: Sequence[int] = (), solved: bool | None = None) -> None:
-        """Flush the maps, then record progress atomically (data first, so a kill never records unsaved work)."""
-        for array in (self.logits, self.valid, self.features, self.z):
-            if array is not None:
-                array.flush()
+        """Record progress atomically, after the data (so a kill never records unsaved work)."""
         self.state["next_tile"] = next_tile
         self.state["empty"] = sorted(set(self.state["empty"]) | set(int(i) for i in empty))
         if solved is not None:
@@ -182,6 +272,7 @@ class Segmenter:
                 probs[:, rows, cols] = block.probs
         return labels, probs
 
+    @_bounded_gdal_cache
     def segment_file(self, path: str | Path, out: str | Path, options: SceneOptions = SceneOptions(), *,
                      bands: Sequence[int] | None = None, probabilities: str | Path | None = None,
                      vector: str | Path | None = None, preview: str | Path | None = None,
@@ -217,6 +308,7 @@ class Segmenter:
         timings["total_s"] = time.perf_counter() - started
         summary = self._report(scene, options, counts, outputs, timings, store)
         write.write_report(report, summary)
+        store.close()
         if not keep_workdir:
             shutil.rmtree(folder, ignore_errors=True)
         return summary
@@ -362,10 +454,10 @@ class Segmenter:
             for index in range(len(grid)):
                 probs = valid = None
                 if index not in empty:
-                    z = torch.from_numpy(np.asarray(store.z[index]))  # (P, K)
+                    z = torch.from_numpy(store.z[index]).to(self.models.device)  # (P, K)
                     probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
                                                 self.models.classes.query_to_class, self.settings.logit_scale)
-                    probs = probs[0].numpy()
+                    probs = probs[0].cpu().numpy()
                     _, valid = _read_tile(scene, grid.window(index), src)
                 yield from stitcher.add(index, probs, valid, **thresholds)
                 bar.update(1)

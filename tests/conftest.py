@@ -30,3 +30,17 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def spec_dir() -> Path:
     return require_shared("spec")
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path) -> Path:
+    """No network and an empty Hugging Face cache (the constants are read at import, so patch them too)."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    return home

@@ -20,8 +20,9 @@ from coninfer.pipeline import InferenceSettings, Models, encode_tiles, load_mode
 from coninfer.postprocess import class_probabilities, patches_to_grid
 from coninfer.prompts import ClassList
 from coninfer.raster import read
-from coninfer.scene import SceneOptions, Segmenter, TileStore, check_outputs
+from coninfer.scene import SceneOptions, Segmenter, check_outputs
 from coninfer.solver import refine
+from coninfer.store import TileFile, TileStore
 
 TILE = 32
 SETTINGS = InferenceSettings(model_res=32)  # 2 x 2 patches per tile
@@ -60,6 +61,34 @@ class TestSceneOptions:
     def test_invalid_field_is_named(self, kwargs: dict, field: str) -> None:
         with pytest.raises(InputError, match=field):
             SceneOptions(**{"tile_size": 32, **kwargs})
+
+
+class TestTileFile:
+    """Tile records read and written by offset: any index order, runs, bounds, no mapping kept."""
+
+    def test_round_trip_in_any_order(self, tmp_path: Path) -> None:
+        array = TileFile(tmp_path / "a.f32", np.float32, (6, 4, 3), create=True)
+        values = np.arange(4 * 4 * 3, dtype=np.float32).reshape(4, 4, 3)
+        array[[5, 0, 1, 3]] = values  # runs (5), (0, 1), (3)
+        np.testing.assert_array_equal(array[[0, 1]], values[1:3])
+        np.testing.assert_array_equal(array[5], values[0])
+        np.testing.assert_array_equal(array[[3, 5]], values[[3, 0]])
+        np.testing.assert_array_equal(array[2], 0)  # never written: zeros (sparse file)
+        assert array[[0, 1]].flags.writeable
+
+    def test_reopening_keeps_data_and_create_clears_it(self, tmp_path: Path) -> None:
+        path = tmp_path / "b.u8"
+        TileFile(path, np.uint8, (2, 5), create=True)[1] = np.full(5, 7, np.uint8)
+        np.testing.assert_array_equal(TileFile(path, np.uint8, (2, 5), create=False)[1], 7)
+        np.testing.assert_array_equal(TileFile(path, np.uint8, (2, 5), create=True)[1], 0)
+
+    @pytest.mark.parametrize("index", [-1, 2, [1, 2]])
+    def test_out_of_range_is_an_error(self, tmp_path: Path, index) -> None:
+        array = TileFile(tmp_path / "c.f32", np.float32, (2, 3), create=True)
+        with pytest.raises(IndexError):
+            array[index]
+        with pytest.raises(IndexError):
+            array[index] = np.zeros((1 if isinstance(index, int) else 2, 3), np.float32)
 
 
 class TestTileStore:

@@ -2,9 +2,9 @@
 
 Three passes over a scene, each bounded in memory by a tile batch or a band of tile rows, never the scene:
 
-1. **Encode** every non-empty tile (row-major, in fixed groups of ``batch_size`` tiles) into a memory-mapped
+1. **Encode** every non-empty tile (row-major, in fixed groups of ``batch_size`` tiles) into an on-disk
    store in the work directory: CLIP logits (T, G*G, K) float32, features (T, G*G, D) float16, patch validity.
-   After each group the store is flushed and ``state.json`` is replaced atomically, so a run killed at any
+   After each group the tiles are written and ``state.json`` is replaced atomically, so a run killed at any
    point resumes at the first unfinished group and computes exactly the same numbers.
 2. **Solve** the chosen context: ``scene`` streams the store through the solver's sufficient-statistics API
    (one mixture over all tiles); ``batch`` fits groups of ``context_size`` tiles (the paper's setting);
@@ -41,11 +41,11 @@ from coninfer.prompts import ClassList, default_cache_dir
 from coninfer.raster import read, write
 from coninfer.raster.tiles import NODATA_LABEL, BandStitcher, TileGrid
 from coninfer.solver import assign, fit_context
+from coninfer.store import STORE_VERSION, TileStore
 
 logger = logging.getLogger(__name__)
 
 Context = Literal["scene", "batch", "none"]
-_STORE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -95,120 +95,6 @@ def _bounded_gdal_cache(function):
             return function(*args, **kwargs)
 
     return wrapper
-
-
-class TileFile:
-    """A (tiles, patches[, channels]) array in a file, read and written tile by tile with pread/pwrite.
-
-    Unlike ``np.memmap``, pages read or written here are not mapped into the process, so resident memory stays
-    bounded by the tiles in hand however large the scene (the kernel's page cache still speeds up the passes).
-    Data written is visible to a later process as soon as the call returns, so a killed run loses nothing it
-    recorded as done.
-    """
-
-    def __init__(self, path: Path, dtype, shape: tuple[int, ...], *, create: bool) -> None:
-        self.path = path
-        self.dtype = np.dtype(dtype)
-        self.shape = shape
-        self.tile_shape = shape[1:]
-        self.tile_bytes = int(np.prod(self.tile_shape)) * self.dtype.itemsize
-        if create or not path.exists():
-            with open(path, "wb") as handle:  # sparse: only written tiles take disk space
-                handle.truncate(shape[0] * self.tile_bytes)
-        self._fd = os.open(path, os.O_RDWR)
-
-    def __getitem__(self, indices: int | Sequence[int]) -> np.ndarray:
-        """One tile ``tile_shape``, or (len(indices), *tile_shape) for a list of tile indexes."""
-        if isinstance(indices, (int, np.integer)):
-            return self._read_run(int(indices), 1)[0]
-        parts = [self._read_run(start, count) for start, count in _runs(indices)]
-        return np.concatenate(parts) if parts else np.empty((0, *self.tile_shape), self.dtype)
-
-    def __setitem__(self, indices: int | Sequence[int], values: np.ndarray) -> None:
-        indices = [int(indices)] if isinstance(indices, (int, np.integer)) else list(indices)
-        values = np.ascontiguousarray(values, dtype=self.dtype).reshape(len(indices), *self.tile_shape)
-        done = 0
-        for start, count in _runs(indices):
-            if start < 0 or start + count > self.shape[0]:
-                raise IndexError(f"tiles {start}..{start + count - 1} outside 0..{self.shape[0] - 1}")
-            os.pwrite(self._fd, values[done : done + count].tobytes(), start * self.tile_bytes)
-            done += count
-
-    def _read_run(self, start: int, count: int) -> np.ndarray:
-        if start < 0 or start + count > self.shape[0]:
-            raise IndexError(f"tiles {start}..{start + count - 1} outside 0..{self.shape[0] - 1}")
-        out = np.empty((count, *self.tile_shape), self.dtype)
-        read = os.preadv(self._fd, [memoryview(out).cast("B")], start * self.tile_bytes)
-        if read != out.nbytes:
-            raise OSError(f"{self.path}: short read of tiles {start}..{start + count - 1}")
-        return out
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:
-        self.close()
-
-
-def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
-    """Consecutive runs of sorted-or-not tile indexes as (start, count), in the given order."""
-    indices = [int(i) for i in indices]
-    start = 0
-    while start < len(indices):
-        stop = start + 1
-        while stop < len(indices) and indices[stop] == indices[stop - 1] + 1:
-            stop += 1
-        yield indices[start], stop - start
-        start = stop
-
-
-class TileStore:
-    """Per-tile priors, features, patch validity and solver output of one scene run, in ``folder``."""
-
-    def __init__(self, folder: Path, num_tiles: int, num_patches: int, num_queries: int) -> None:
-        self.folder = folder
-        self.shape = (num_tiles, num_patches)
-        self.num_queries = num_queries
-        self.state_path = folder / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {
-            "version": _STORE_VERSION, "next_tile": 0, "empty": [], "feature_dim": None, "solved": False}
-        fresh = not self.state["next_tile"]
-        self.logits = self._file("logits.f32", np.float32, num_queries, create=fresh)
-        self.valid = self._file("valid.u8", np.uint8, None, create=fresh)
-        self.features: TileFile | None = None
-        if self.state["feature_dim"]:
-            self.features = self._file("features.f16", np.float16, self.state["feature_dim"], create=False)
-        self.z = self._file("z.f32", np.float32, num_queries, create=not self.state["solved"])
-        self.resumed_from = self.state["next_tile"]  # tiles an earlier, interrupted run already encoded
-
-    def close(self) -> None:
-        for array in (self.logits, self.valid, self.features, self.z):
-            if array is not None:
-                array.close()
-
-    def _file(self, name: str, dtype, last: int | None, *, create: bool) -> TileFile:
-        shape = self.shape + ((last,) if last else ())
-        return TileFile(self.folder / name, dtype, shape, create=create)
-
-    def put(self, indices: Sequence[int], logits: np.ndarray, features: np.ndarray, valid: np.ndarray) -> None:
-        if self.features is None:
-            self.state["feature_dim"] = int(features.shape[-1])
-            self.features = self._file("features.f16", np.float16, features.shape[-1], create=True)
-        self.logits[indices] = logits
-        self.features[indices] = features.astype(np.float16)
-        self.valid[indices] = valid
-
-    def commit(self, next_tile: int, empty: Sequence[int] = (), solved: bool | None = None) -> None:
-        """Record progress atomically, after the data (so a kill never records unsaved work)."""
-        self.state["next_tile"] = next_tile
-        self.state["empty"] = sorted(set(self.state["empty"]) | set(int(i) for i in empty))
-        if solved is not None:
-            self.state["solved"] = solved
-        temporary = self.state_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.state))
-        os.replace(temporary, self.state_path)
 
 
 class Segmenter:
@@ -322,7 +208,7 @@ class Segmenter:
         key = json.dumps({
             "input": str(scene.path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
             "bands": scene.bands, "options": asdict(options), "settings": asdict(self.settings),
-            "models": self.model_names, "queries": list(self.models.classes.queries), "version": _STORE_VERSION,
+            "models": self.model_names, "queries": list(self.models.classes.queries), "version": STORE_VERSION,
         }, sort_keys=True, default=str)
         return root / hashlib.sha256(key.encode()).hexdigest()[:20]
 

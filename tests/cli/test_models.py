@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from click.testing import CliRunner
@@ -21,20 +19,6 @@ TEXTS = ["a photo of a building.", "an aerial view of a road"]
 
 def run(*args: str):
     return CliRunner().invoke(main, ["models", *args])
-
-
-@pytest.fixture
-def offline_hub(monkeypatch, tmp_path) -> Path:
-    """No network and an empty Hugging Face cache (the constants are read at import, so patch them too)."""
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    return home
 
 
 @pytest.fixture(scope="module")

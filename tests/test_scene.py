@@ -15,7 +15,7 @@ import torch
 from rasterio.errors import RasterioIOError
 
 import scenes
-from coninfer.errors import InputError, InputFileError, OutputError
+from coninfer.errors import InputError, InputFileError, OutputError, ResourceError
 from coninfer.pipeline import InferenceSettings, Models, encode_tiles, load_models
 from coninfer.postprocess import class_probabilities, patches_to_grid
 from coninfer.prompts import ClassList
@@ -230,6 +230,41 @@ class TestSegmentArray:
     def test_bad_array(self, segmenter: Segmenter, array: np.ndarray) -> None:
         with pytest.raises(InputError, match=r"\(H, W, 3\) uint8"):
             segmenter.segment_array(array)
+
+
+class TestOutOfMemory:
+    """CUDA out-of-memory halves the encoder batch and the run goes on; at one tile it is a clear error."""
+
+    def test_batch_is_halved_and_results_unchanged(self, segmenter, monkeypatch, caplog) -> None:
+        import coninfer.scene as scene_module
+
+        pixels = scenes.random_rgb(64, 96, seed=3)
+        options = SceneOptions(tile_size=TILE, batch_size=4)
+        expected, _ = segmenter.segment_array(pixels, options)
+        real, sizes = scene_module.encode_tiles, []
+
+        def small_gpu(models, tiles, settings):
+            sizes.append(len(tiles))
+            if len(tiles) > 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(models, tiles, settings)
+
+        monkeypatch.setattr(scene_module, "encode_tiles", small_gpu)
+        with caplog.at_level("WARNING"):
+            labels, _ = segmenter.segment_array(pixels, options)
+        np.testing.assert_array_equal(labels, expected)
+        assert sizes[:3] == [4, 2, 1] and set(sizes[3:]) == {1}  # halved twice, then kept at 1
+        assert "continuing with batch size 1" in caplog.text
+
+    def test_one_tile_too_big_is_a_clear_error(self, segmenter, monkeypatch) -> None:
+        import coninfer.scene as scene_module
+
+        def no_gpu_memory(models, tiles, settings):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        monkeypatch.setattr(scene_module, "encode_tiles", no_gpu_memory)
+        with pytest.raises(ResourceError, match="out of memory even for one tile"):
+            segmenter.segment_array(scenes.random_rgb(32, 32), SceneOptions(tile_size=TILE, batch_size=2))
 
 
 class TestSegmentFile:

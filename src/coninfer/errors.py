@@ -39,3 +39,7 @@ class ModelLoadError(ConInferError, RuntimeError):
 
 class CheckpointFormatError(ModelLoadError):
     """A checkpoint's keys or shapes do not match what the target model needs."""
+
+
+class ResourceError(ConInferError, MemoryError):
+    """The machine cannot hold the work (e.g. one tile does not fit in GPU memory)."""

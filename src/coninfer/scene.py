@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-from coninfer.errors import InputError, InputFileError, OutputError
+from coninfer.errors import InputError, InputFileError, OutputError, ResourceError
 from coninfer.pipeline import InferenceSettings, Models, encode_tiles, load_models
 from coninfer.postprocess import class_probabilities, patches_to_grid
 from coninfer.prompts import ClassList, default_cache_dir
@@ -273,9 +273,10 @@ class Segmenter:
                 logits = torch.cat([p[0] for p in parts]).cpu().numpy()
                 features = torch.cat([p[1] for p in parts]).float().cpu().numpy()
                 return logits, features, batch_size
-            except torch.cuda.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError as error:
                 if batch_size == 1:
-                    raise
+                    raise ResourceError("the GPU ran out of memory even for one tile",
+                                      hint="use a smaller --model-res, --precision fp16, or --device cpu") from error
                 batch_size = max(1, batch_size // 2)
                 torch.cuda.empty_cache()
                 logger.warning("CUDA out of memory: continuing with batch size %d", batch_size)

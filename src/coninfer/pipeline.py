@@ -187,16 +187,18 @@ def to_model_input(tiles: Sequence[torch.Tensor], size: int, normalization, devi
     Normalisation is done on the 0-255 scale, ``(x - 255 * mean) / (255 * std)``, so that integer statistics
     such as (128, 64) are exact. Returns (B, 3, size, size) in ``dtype`` on ``device``.
     """
-    mean, std = (torch.tensor(v, dtype=torch.float64).mul(255).float().view(3, 1, 1) for v in normalization)
+    mean, std = (torch.tensor(v, dtype=torch.float64).mul(255).float().view(1, 3, 1, 1).to(device)
+                 for v in normalization)
+    # tiles of one size (the usual case) are resized as one batch; each is resized on its own otherwise
+    groups = [list(tiles)] if len({tuple(t.shape) for t in tiles}) == 1 else [[tile] for tile in tiles]
     batch = []
-    for tile in tiles:
-        pixels = tile.to(device=device, dtype=torch.float32)
-        if tuple(pixels.shape[1:]) != (size, size):
-            # (3, H, W) -> (1, 3, H, W) -> (1, 3, size, size) -> (3, size, size)
-            pixels = F.interpolate(pixels[None], size=(size, size), mode="bilinear", antialias=True,
-                                   align_corners=False)[0].clamp(0, 255)
-        batch.append((pixels - mean.to(device)) / std.to(device))
-    return torch.stack(batch).to(dtype)
+    for group in groups:
+        pixels = torch.stack(group).to(device=device, dtype=torch.float32)  # (b, 3, H, W)
+        if tuple(pixels.shape[2:]) != (size, size):
+            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True,
+                                   align_corners=False).clamp(0, 255)
+        batch.append((pixels - mean) / std)
+    return torch.cat(batch).to(dtype)
 
 
 @torch.inference_mode()

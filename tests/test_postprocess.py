@@ -91,7 +91,7 @@ class TestClassProbabilities:
 
     @pytest.mark.parametrize(
         ("mapping", "message"),
-        [([0, 1], "entries"), ([0, 2, 2], "have no query"), ([0, -1, 1], "negative")],
+        [([0, 1], "entries"), ([0, 2, 2], "have no query"), ([0, -1, 1], "negative"), ([0, 0.5, 1], "integer")],
     )
     def test_bad_query_to_class(self, mapping: list[int], message: str) -> None:
         with pytest.raises(InputError, match=message):
@@ -104,6 +104,15 @@ class TestClassProbabilities:
             class_probabilities(torch.rand(4, 4), (8, 8), [0, 1])
         with pytest.raises(InputError, match="out_size"):
             class_probabilities(torch.rand(2, 4, 4), (0, 8), [0, 1])
+        with pytest.raises(InputError, match="grid size"):
+            patches_to_grid(torch.rand(10, 2), 0, 3)
+        with pytest.raises(InputError, match="no queries"):
+            class_probabilities(torch.rand(0, 4, 4), (8, 8), [])
+
+    @pytest.mark.parametrize("logit_scale", [0.0, -5.0, float("nan"), float("inf")])
+    def test_bad_logit_scale(self, logit_scale: float) -> None:
+        with pytest.raises(InputError, match="logit_scale"):
+            class_probabilities(torch.rand(2, 4, 4), (8, 8), [0, 1], logit_scale=logit_scale)
 
 
 class TestLabels:

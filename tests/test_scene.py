@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import fiona
 import numpy as np
 import pytest
 import rasterio
+import rasterio.windows
 import torch
 from rasterio.errors import RasterioIOError
 
@@ -22,7 +26,7 @@ from coninfer.prompts import ClassList
 from coninfer.raster import read
 from coninfer.scene import SceneOptions, Segmenter, check_outputs
 from coninfer.solver import refine
-from coninfer.store import TileFile, TileStore
+from coninfer.store import TileFile, TileStore, locked_folder
 
 TILE = 32
 SETTINGS = InferenceSettings(model_res=32)  # 2 x 2 patches per tile
@@ -108,6 +112,31 @@ class TestTileStore:
         store = TileStore(tmp_path, num_tiles=2, num_patches=4, num_queries=2)
         assert store.state["next_tile"] == 0 and store.features is None
         assert not (tmp_path / "state.json").exists()  # nothing is recorded before the first commit
+
+
+class TestLockedFolder:
+    def test_one_holder_at_a_time(self, tmp_path: Path) -> None:
+        folder = tmp_path / "work" / "key"
+        with locked_folder(folder):
+            assert folder.is_dir()
+            with pytest.raises(OutputError, match="another run is using the work folder") as error, \
+                    locked_folder(folder):
+                pass
+            assert "--workdir" in error.value.hint
+        with locked_folder(folder):  # released on exit
+            pass
+
+    def test_a_file_system_without_locks_runs_unlocked(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+        import coninfer.store as store_module
+
+        def unsupported(*args):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+        monkeypatch.setattr(store_module.fcntl, "flock", unsupported)
+        with locked_folder(tmp_path / "key"):
+            pass
+        assert "cannot lock the work folder" in caplog.text
 
 
 class TestContexts:
@@ -332,6 +361,100 @@ class TestSegmentFile:
             segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, probabilities=tmp_path / "p.tif",
                                    workdir=tmp_path / "work")
         assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["ms.tif"]  # no output, no .part file
+
+
+class TestGeographicScene:
+    def test_report_areas_in_square_metres(self, segmenter: Segmenter, tmp_path: Path) -> None:
+        """EPSG:4326: areas on the ellipsoid in m², like the vectors', not in degrees² (which print as 0.0)."""
+        source = tmp_path / "geo.tif"
+        transform = rasterio.Affine(1e-4, 0.0, 6.9, 0.0, -1e-4, 50.95)
+        with rasterio.open(source, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                           crs="EPSG:4326", transform=transform) as dst:
+            dst.write(np.moveaxis(scenes.random_rgb(30, 40, seed=2), -1, 0))
+        report = segmenter.segment_file(source, tmp_path / "out.tif", SceneOptions(tile_size=TILE), progress=False,
+                                        vector=tmp_path / "out.geojson", workdir=tmp_path / "work")
+        georef = read.open_scene(source).georef
+        total = float(np.broadcast_to(georef.pixel_areas(rasterio.windows.Window(0, 0, 40, 30)), (30, 40)).sum())
+        assert {row["area_unit"] for row in report["classes"]} == {"m2"}
+        assert sum(row["area"] for row in report["classes"]) == pytest.approx(total, rel=1e-9)
+        assert total == pytest.approx(1200 * 7.01 * 11.12, rel=5e-3)
+        with fiona.open(tmp_path / "out.geojson") as layer:
+            vector_areas = {f.properties["class_id"]: f.properties["area"] for f in layer}
+        assert vector_areas == pytest.approx({row["class_id"]: row["area"] for row in report["classes"]
+                                              if row["pixels"]}, rel=1e-9)
+
+
+class TestWorkdir:
+    OPTIONS = SceneOptions(tile_size=TILE, batch_size=4)
+
+    def test_key_follows_settings_and_content(self, segmenter: Segmenter, tmp_path: Path) -> None:
+        source = scenes.rgb(tmp_path / "a.tif", scenes.random_rgb(40, 50, seed=1))
+        key = segmenter._workdir(read.open_scene(source), self.OPTIONS, tmp_path)
+        assert segmenter._workdir(read.open_scene(source), self.OPTIONS, tmp_path) == key
+        overlap = SceneOptions(tile_size=TILE, batch_size=4, overlap=4)
+        assert segmenter._workdir(read.open_scene(source), overlap, tmp_path) != key
+        # rewritten in place with other pixels, same size and modification time (cp -p, rsync -t, tar x)
+        stat = source.stat()
+        scenes.rgb(tmp_path / "b.tif", scenes.random_rgb(40, 50, seed=2)).replace(source)
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert source.stat().st_size == stat.st_size and source.stat().st_mtime_ns == stat.st_mtime_ns
+        assert segmenter._workdir(read.open_scene(source), self.OPTIONS, tmp_path) != key
+
+    def test_a_second_run_on_the_same_store_is_refused(self, segmenter: Segmenter, tmp_path: Path) -> None:
+        source = scenes.rgb(tmp_path / "a.tif", scenes.random_rgb(40, 50, seed=1))
+        folder = segmenter._workdir(read.open_scene(source), self.OPTIONS, tmp_path / "work")
+        with locked_folder(folder), pytest.raises(OutputError, match="another run is using the work folder"):
+            segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, workdir=tmp_path / "work",
+                                   progress=False)
+        assert scenes.files_in(tmp_path) == {"a.tif"}
+        segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, workdir=tmp_path / "work", progress=False)
+        assert not folder.exists()  # the lock was released, the finished store removed
+
+    def test_failure_after_the_class_map_leaves_no_output_and_resumes(self, segmenter: Segmenter, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+        """Outputs appear together at the end, so rerunning the same call after a late failure needs no
+        --overwrite, and it resumes from the finished store."""
+        import coninfer.scene as scene_module
+
+        source = scenes.rgb(tmp_path / "a.tif", scenes.random_rgb(40, 50, seed=1))
+        kwargs = {"vector": tmp_path / "v.gpkg", "preview": tmp_path / "p.png", "workdir": tmp_path / "work",
+                  "progress": False}
+
+        def broken_preview(*args, **kw):
+            raise OSError("disk full (simulated)")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(scene_module.write, "write_preview", broken_preview)
+            with pytest.raises(OSError, match="simulated"):
+                segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, **kwargs)
+        assert {name for name in scenes.files_in(tmp_path) if not name.startswith("work")} == {"a.tif"}
+        report = segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, **kwargs)
+        assert report["tiles"]["resumed_from"] == report["tiles"]["total"]
+        assert {"out.tif", "out.json", "v.gpkg", "p.png"} <= scenes.files_in(tmp_path)
+        assert fiona.listlayers(tmp_path / "v.gpkg") == ["v"]  # named after the file, not its temporary
+
+    def test_full_disk_while_storing_is_a_clear_error(self, segmenter: Segmenter, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+        def no_space(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "pwrite", no_space)
+        source = scenes.rgb(tmp_path / "a.tif", scenes.random_rgb(40, 50, seed=1))
+        with pytest.raises(OutputError, match="cannot write the work store .*No space left on device") as error:
+            segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, workdir=tmp_path / "work",
+                                   progress=False)
+        assert "--workdir" in error.value.hint
+
+
+class TestSegmenterChecks:
+    def test_background_class_out_of_range(self, models: Models) -> None:
+        with pytest.raises(InputError, match="bg_idx 4 is not a class index"):
+            Segmenter.from_models(models, InferenceSettings(model_res=32, prob_thd=0.5, bg_idx=4))
+
+    def test_too_many_classes(self) -> None:
+        names = ";".join(f"class {i}" for i in range(256))
+        with pytest.raises(InputError, match="256 classes, at most 255"):
+            Segmenter(names, vlm="no-such-model", vfm="no-such-model")  # checked before any model is loaded
 
 
 class TestCheckOutputs:

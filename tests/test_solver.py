@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,55 @@ class TestChunked:
         assert sorted(set(calls)) == [(4,), (4, 16), (16,)]
         z = next(iter(assign_chunks(chunks, fit.state, settings))).numpy()
         assert np.abs(z - refine(logits, features, iterations=3)).max() <= 1e-6
+
+    def test_two_processes_fit_the_single_process_mixture(self) -> None:
+        """Two threads stand in for two processes: all-reduce via ``reduce``, all-gather via ``gather``."""
+        logits, features = _random_problem(1200, 5, 24, seed=6)
+        split = 500
+        # each share's local top-k patches differ from the global ones, so a missing gather changes the result
+        shares = [(0, split), (split, 1200)]
+        settings = SolverSettings(iterations=4, block_rows=128)
+        barrier = threading.Barrier(2)
+        slots: list = [None, None]
+        results: list = [None, None]
+
+        def exchange(rank: int, value):
+            barrier.wait()
+            slots[rank] = value
+            barrier.wait()
+            both = list(slots)
+            barrier.wait()
+            return both
+
+        def worker(rank: int) -> None:
+            start, stop = shares[rank]
+
+            def chunks():
+                yield torch.from_numpy(logits[start:stop]), torch.from_numpy(features[start:stop])
+
+            def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+                first, second = exchange(rank, tensor)
+                return first + second
+
+            def all_gather(candidates):
+                local = type(candidates)(candidates.log_prior, candidates.index + start, candidates.features)
+                first, second = exchange(rank, local)
+                return first.merge(second, settings.init_topk)
+
+            fit = fit_context(chunks, settings, reduce=all_reduce, gather=all_gather, record_history=True)
+            results[rank] = (fit, next(iter(assign_chunks(chunks, fit.state, settings))))
+
+        threads = [threading.Thread(target=worker, args=(rank,)) for rank in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        single = refine_with_history(logits, features, settings)
+        z = torch.cat([results[0][1], results[1][1]]).numpy()
+        assert np.abs(z - single.z).max() <= 1e-5
+        for fit, _ in results:
+            torch.testing.assert_close(fit.history.means, single.fit.history.means, rtol=0, atol=1e-6)
+            torch.testing.assert_close(fit.history.loss, single.fit.history.loss, rtol=0, atol=1e-6)
 
     def test_source_must_repeat_itself(self) -> None:
         logits, features = _random_problem(100, 3, 8)
@@ -286,3 +336,50 @@ class TestValidation:
     def test_block_rows_validated(self) -> None:
         with pytest.raises(InputError, match="block_rows"):
             SolverSettings(block_rows=0)
+
+
+class TestInputForms:
+    """Array forms a user hands over without thinking: views, foreign byte order, numpy scalars, autograd."""
+
+    def test_reversed_view_is_accepted(self) -> None:
+        logits, features = _random_problem(200, 3, 16)
+        z = refine(logits[::-1], features[::-1], iterations=2)  # negative strides: torch.from_numpy refuses them
+        np.testing.assert_array_equal(z, refine(logits[::-1].copy(), features[::-1].copy(), iterations=2))
+
+    def test_big_endian_arrays_are_accepted(self) -> None:
+        logits, features = _random_problem(200, 3, 16)
+        z = refine(logits.astype(">f4"), features.astype(">f2"), iterations=2)
+        np.testing.assert_array_equal(z, refine(logits, features.astype(np.float16), iterations=2))
+
+    def test_numpy_scalar_settings(self) -> None:
+        """``temperature=archive["temp"]``-style numpy scalars work like Python numbers."""
+        logits, features = _random_problem(200, 3, 16)
+        z = refine(logits, features, temperature=np.float32(150), prior_scale=np.float16(100), iterations=np.int64(2))
+        np.testing.assert_array_equal(z, refine(logits, features, temperature=150.0, iterations=2))
+        settings = SolverSettings(temperature=np.float32(150), init_topk=np.int32(4))
+        assert type(settings.temperature) is float and type(settings.init_topk) is int
+
+    def test_no_autograd_graph(self) -> None:
+        """Inputs that require grad must not make the solver record 11 iterations of autograd history."""
+        logits, features = _random_problem(200, 3, 16)
+        z = refine(torch.from_numpy(logits).requires_grad_(), torch.from_numpy(features).requires_grad_())
+        assert not z.requires_grad and z.grad_fn is None
+
+    @pytest.mark.parametrize(
+        ("change", "message"),
+        [
+            (lambda lg, ft: (lg[:0], ft[:0]), "no rows"),
+            (lambda lg, ft: (lg, ft[:, :0]), "features has 0 columns"),
+            (lambda lg, ft: (lg * np.float32(1e38), ft), "prior_scale"),  # finite, but x100 overflows
+        ],
+    )
+    def test_degenerate_inputs_named(self, change, message: str) -> None:
+        logits, features = _random_problem(60, 3, 16)
+        bad_logits, bad_features = change(logits, features)
+        with pytest.raises(InputError, match=message):
+            refine(bad_logits, bad_features, iterations=1)
+
+    def test_all_equal_logits_give_uniform_z(self) -> None:
+        _, features = _random_problem(60, 4, 16)
+        z = refine(np.full((60, 4), 0.2, dtype=np.float32), features)
+        np.testing.assert_allclose(z, 0.25, rtol=0, atol=1e-7)

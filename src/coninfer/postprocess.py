@@ -16,6 +16,7 @@ identity mapping, the only case the class files produce).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ class PostprocessResult:
 
 def patches_to_grid(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Solver output per patch to per-image grids: (B*h*w, K) -> (B, K, h, w), patches row-major per image."""
+    if height < 1 or width < 1:
+        raise InputError(f"grid size must be positive, got {height} x {width}", hint="pass the patch grid (h, w)")
     if z.ndim != 2 or z.shape[0] == 0 or z.shape[0] % (height * width):
         raise InputError(
             f"z has shape {tuple(z.shape)}, not (B*{height}*{width}, K)",
@@ -47,7 +50,12 @@ def patches_to_grid(z: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def _class_index(query_to_class: Sequence[int] | torch.Tensor, num_queries: int) -> list[list[int]]:
     """For each class c, the queries that map to it; checks that every class 0..C-1 has one."""
-    mapping = [int(c) for c in (query_to_class.tolist() if isinstance(query_to_class, torch.Tensor) else query_to_class)]
+    raw = list(query_to_class.tolist() if isinstance(query_to_class, torch.Tensor) else query_to_class)
+    if num_queries == 0:
+        raise InputError("z has no queries (K = 0)", hint="embed at least one query per class")
+    if any(isinstance(c, bool) or int(c) != c for c in raw):
+        raise InputError(f"query_to_class must hold integer class indices, got {raw}")
+    mapping = [int(c) for c in raw]
     if len(mapping) != num_queries:
         raise InputError(
             f"query_to_class has {len(mapping)} entries but z has {num_queries} queries",
@@ -76,6 +84,8 @@ def class_probabilities(
     """
     if z_grid.ndim not in (3, 4) or not z_grid.is_floating_point():
         raise InputError(f"z_grid must be a float (B, K, h, w) or (K, h, w) tensor, got {tuple(z_grid.shape)}")
+    if not math.isfinite(logit_scale) or logit_scale <= 0:
+        raise InputError(f"logit_scale must be a finite number > 0, got {logit_scale}", hint="the paper uses 5")
     height, width = (int(size) for size in out_size)
     if height < 1 or width < 1:
         raise InputError(f"out_size must be positive, got {tuple(out_size)}")

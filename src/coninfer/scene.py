@@ -41,7 +41,7 @@ from coninfer.prompts import ClassList, default_cache_dir
 from coninfer.raster import read, write
 from coninfer.raster.tiles import NODATA_LABEL, BandStitcher, TileGrid
 from coninfer.solver import assign, fit_context
-from coninfer.store import STORE_VERSION, TileStore
+from coninfer.store import STORE_VERSION, TileStore, clear_folder, locked_folder
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +112,14 @@ class Segmenter:
         from coninfer.encoders.clip import DenseCLIPSettings
 
         classes = _as_class_list(classes)
+        _check_classes(classes, settings)
         clip_settings = DenseCLIPSettings.for_variant(clip_variant) if clip_variant else DenseCLIPSettings()
         if attn_lambda is not None:
             clip_settings = DenseCLIPSettings(clip_settings.variant, clip_settings.ignore_residual, attn_lambda)
         needs_vfm = settings.method == "coninfer" and settings.vfm_features == "vfm"
         self.models = load_models(classes, vlm=vlm, vfm=vfm if needs_vfm else None, device=device,
                                   precision=precision, clip_settings=clip_settings, cache_dir=cache_dir)
+        self.models.grid_size(settings.model_res)  # a model_res the patch size does not divide fails now
         self.settings = settings
         self.model_names = {"vlm": vlm, "vfm": vfm if needs_vfm else None, "clip_settings": asdict(clip_settings)}
 
@@ -129,6 +131,8 @@ class Segmenter:
         ``model_names`` identifies the models in the report and in the key of the resumable work directory
         (default: the models' names, so give it when two different models share a name).
         """
+        _check_classes(models.classes, settings)
+        models.grid_size(settings.model_res)
         segmenter = cls.__new__(cls)
         segmenter.models, segmenter.settings = models, settings
         segmenter.model_names = model_names or {"vlm": getattr(models.clip, "name", type(models.clip).__name__),
@@ -159,44 +163,62 @@ class Segmenter:
         return labels, probs
 
     @_bounded_gdal_cache
-    def segment_file(self, path: str | Path, out: str | Path, options: SceneOptions = SceneOptions(), *,
-                     bands: Sequence[int] | None = None, probabilities: str | Path | None = None,
+    def segment_file(self, path: str | Path | read.Scene, out: str | Path, options: SceneOptions = SceneOptions(),
+                     *, bands: Sequence[int] | None = None, probabilities: str | Path | None = None,
                      vector: str | Path | None = None, preview: str | Path | None = None,
                      report: str | Path | None = None, workdir: str | Path | None = None, resume: bool = True,
                      keep_workdir: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-        """Segment a raster file into a class-map COG (+ optional outputs); returns the report dict.
+        """Segment a raster file (or a scene already opened with :func:`~coninfer.raster.read.open_scene`, then
+        without ``bands``) into a class-map COG (+ optional outputs); returns the report dict.
 
-        ``report`` defaults to ``OUT`` with the suffix ``.json``. Every output is checked before any work and
-        written atomically. The work directory (default ``$CONINFER_CACHE/work``, else ``~/.cache/coninfer/work``)
-        keeps the store of an unfinished run so that a second call with the same input and settings resumes it.
+        ``report`` defaults to ``OUT`` with the suffix ``.json``. Every output is checked before any work; all
+        are written to temporary files and moved into place together at the end, so a failed or killed run
+        leaves none of them. The work directory (default ``$CONINFER_CACHE/work``, else
+        ``~/.cache/coninfer/work``) keeps the store of an unfinished run so that a second call with the same
+        input and settings resumes it; a run holds a lock on its store, so a concurrent identical run fails.
         """
         started = time.perf_counter()
-        outputs = check_outputs(path, out, probabilities=probabilities, vector=vector, preview=preview,
+        if isinstance(path, read.Scene) and bands is not None:
+            raise InputError("bands are chosen when the scene is opened", hint="pass open_scene(path, bands=...)")
+        source = path.path if isinstance(path, read.Scene) else Path(path)
+        outputs = check_outputs(source, out, probabilities=probabilities, vector=vector, preview=preview,
                                 report=report, overwrite=overwrite)
-        out, report = outputs["class_map"], outputs["report"]
-        scene = read.open_scene(path, bands=bands)
+        scene = path if isinstance(path, read.Scene) else read.open_scene(path, bands=bands)
         if read.scene_is_empty(scene):
-            raise InputError(f"{path} is entirely nodata", hint="check the nodata value / mask of the input")
+            raise InputError(f"{source} is entirely nodata", hint="check the nodata value / mask of the input")
         folder = self._workdir(scene, options, workdir)
         timings = {}
-        store = self._prepare(scene, options, folder, resume=resume, progress=progress, timings=timings)
-        tick = time.perf_counter()
-        counts = self._write_rasters(scene, store, options, outputs, progress=progress)
-        timings["stitch_write_s"] = time.perf_counter() - tick
-        if "vector" in outputs:
+        with locked_folder(folder):
+            store = self._prepare(scene, options, folder, resume=resume, progress=progress, timings=timings)
+            try:
+                summary = self._write_outputs(scene, store, options, outputs, progress=progress, timings=timings,
+                                              started=started)
+            finally:
+                store.close()
+            if not keep_workdir:
+                shutil.rmtree(folder, ignore_errors=True)
+        return summary
+
+    def _write_outputs(self, scene, store: TileStore, options: SceneOptions, outputs: dict[str, Path], *,
+                       progress: bool, timings: dict, started: float) -> dict:
+        """Pass 3 and the extras, each into a temporary file; all move into place only when every one is done."""
+        with ExitStack() as staging:
+            staged = {kind: staging.enter_context(write.atomic_path(path)) for kind, path in outputs.items()}
             tick = time.perf_counter()
-            write.write_vectors(outputs["vector"], out, list(self.class_names))
-            timings["vector_s"] = time.perf_counter() - tick
-        if "preview" in outputs:
-            tick = time.perf_counter()
-            self._write_preview(scene, out, outputs["preview"])
-            timings["preview_s"] = time.perf_counter() - tick
-        timings["total_s"] = time.perf_counter() - started
-        summary = self._report(scene, options, counts, outputs, timings, store)
-        write.write_report(report, summary)
-        store.close()
-        if not keep_workdir:
-            shutil.rmtree(folder, ignore_errors=True)
+            counts, areas = self._write_rasters(scene, store, options, staged, progress=progress)
+            timings["stitch_write_s"] = time.perf_counter() - tick
+            if "vector" in outputs:
+                tick = time.perf_counter()
+                write.write_vectors(staged["vector"], staged["class_map"], list(self.class_names),
+                                    layer=outputs["vector"].stem)
+                timings["vector_s"] = time.perf_counter() - tick
+            if "preview" in outputs:
+                tick = time.perf_counter()
+                self._write_preview(scene, staged["class_map"], staged["preview"])
+                timings["preview_s"] = time.perf_counter() - tick
+            timings["total_s"] = time.perf_counter() - started
+            summary = self._report(scene, options, counts, areas, outputs, timings, store)
+            write.write_report(staged["report"], summary)
         return summary
 
     # -- passes -----------------------------------------------------------------------------------------------
@@ -206,7 +228,9 @@ class Segmenter:
         root = Path(workdir) if workdir else default_cache_dir() / "work"
         stat = scene.path.stat()
         key = json.dumps({
+            # ctime and inode change whenever the file is rewritten, even by tools that restore its mtime
             "input": str(scene.path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
+            "ctime": stat.st_ctime_ns, "inode": stat.st_ino,
             "bands": scene.bands, "options": asdict(options), "settings": asdict(self.settings),
             "models": self.model_names, "queries": list(self.models.classes.queries), "version": STORE_VERSION,
         }, sort_keys=True, default=str)
@@ -219,9 +243,9 @@ class Segmenter:
         grid = TileGrid(scene.width, scene.height, options.tile_size, options.overlap)
         patches = self.models.grid_size(self.settings.model_res) ** 2
         try:
-            if folder.exists() and not resume:
-                shutil.rmtree(folder)
             folder.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                clear_folder(folder)
         except OSError as error:
             raise OutputError(f"cannot create the work folder {folder}: {error.strerror or error}",
                               hint="pass --workdir with a writable folder") from error
@@ -293,8 +317,9 @@ class Segmenter:
             valid_patches = sum(int(np.asarray(store.valid[group]).sum()) for group in _groups(context, chunk_tiles))
             if valid_patches < self.settings.init_topk:
                 # the mixture needs init_topk patches to start from; a sliver of data keeps its prior instead
-                logger.warning("tiles %s hold %d valid patches, fewer than init_topk=%d: they keep the CLIP prior",
-                               context, valid_patches, self.settings.init_topk)
+                logger.warning("%d tile(s) (%s) hold %d valid patches, fewer than init_topk=%d: they keep the "
+                               "CLIP prior", len(context), _tile_range(context), valid_patches,
+                               self.settings.init_topk)
                 self._keep_prior(store, context, chunk_tiles)
             else:
                 self._solve_context(store, context, chunk_tiles)
@@ -351,10 +376,12 @@ class Segmenter:
         bar.close()
 
     def _write_rasters(self, scene, store: TileStore, options: SceneOptions, outputs: dict[str, Path], *,
-                       progress: bool) -> np.ndarray:
-        """Pass 3 into the class map (and probabilities) COGs; returns the pixel count per class (C,) int64."""
+                       progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Pass 3 into the class map (and probabilities) COGs; returns the pixel count (C,) int64 and the area
+        (C,) float64 in the scene's area unit of each class."""
         class_names = list(self.class_names)
         counts = np.zeros(len(class_names), np.int64)
+        areas = np.zeros(len(class_names), np.float64)
         with ExitStack() as writers:  # each writer commits its file only if every block was written
             class_writer = writers.enter_context(write.ClassMapWriter(outputs["class_map"], scene.georef, class_names))
             prob_writer = None
@@ -364,9 +391,10 @@ class Segmenter:
             for block in self._stitch(scene, store, options, progress=progress):
                 class_writer.write(block.window, block.labels)
                 counts += write.count_classes(block.labels, len(class_names))
+                areas += write.class_areas(block.labels, block.window, scene.georef, len(class_names))
                 if prob_writer is not None:
                     prob_writer.write(block.window, block.probs, block.valid)
-        return counts
+        return counts, areas
 
     def _write_preview(self, scene, class_map: Path, path: Path) -> None:
         """PNG of the scene (decimated to 1024 px) under the written class map, with a legend."""
@@ -378,7 +406,7 @@ class Segmenter:
             labels = src.read(1, out_shape=rgb.shape[1:], resampling=Resampling.nearest)
         write.write_preview(path, rgb, labels, list(self.class_names))
 
-    def _report(self, scene, options, counts, outputs, timings, store) -> dict:
+    def _report(self, scene, options, counts, areas, outputs, timings, store) -> dict:
         empty = len(store.state["empty"])
         tiles = store.shape[0]
         encode_s = timings.get("encode_s", 0.0)
@@ -387,7 +415,7 @@ class Segmenter:
             "outputs": {name: str(path) for name, path in outputs.items()},
             "crs": scene.georef.crs.to_string() if scene.georef.crs else None,
             "size": {"width": scene.width, "height": scene.height},
-            "classes": [{**row} for row in write.class_statistics(counts, list(self.class_names), scene.georef)],
+            "classes": [{**row} for row in write.class_statistics(counts, list(self.class_names), scene.georef, areas)],
             "queries": list(self.models.classes.queries),
             "settings": {"scene": asdict(options), "inference": asdict(self.settings), "models": self.model_names,
                          "bands": list(scene.bands), "device": str(self.models.device),
@@ -449,6 +477,21 @@ def _array_scene(rgb: np.ndarray, path: Path) -> read.Scene:
         with rasterio.open(path, "w", **georef.profile(count=3, dtype="uint8")) as dst:
             dst.write(np.moveaxis(rgb, -1, 0))
     return read.open_scene(path)
+
+
+def _check_classes(classes: ClassList, settings: InferenceSettings) -> None:
+    """Checks that need both the classes and the settings, done before any model is loaded."""
+    count = len(classes.names)
+    if count > NODATA_LABEL:
+        raise InputError(f"{count} classes, at most {NODATA_LABEL} fit a uint8 class map ({NODATA_LABEL} is nodata)",
+                         hint="merge classes as synonyms (a,b) or split the run")
+    if settings.bg_idx >= count:
+        raise InputError(f"bg_idx {settings.bg_idx} is not a class index (0..{count - 1})",
+                         hint="give the background class's position in the class list")
+
+
+def _tile_range(tiles: Sequence[int]) -> str:
+    return str(tiles[0]) if len(tiles) == 1 else f"{tiles[0]}..{tiles[-1]}"
 
 
 def _groups(items: Sequence[int], size: int) -> Iterator[list[int]]:

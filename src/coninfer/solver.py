@@ -30,12 +30,14 @@ unspecified).
 
 Entry points: :func:`refine` (arrays in memory), :func:`fit_context` + :func:`assign_chunks` (a callable that
 returns a fresh iterator of ``(logits_chunk, features_chunk)`` each time it is called; it is called
-``iterations + 2`` times), :func:`refine_chunked` (the same, writing z into an output array).
+``iterations + 2`` times), :func:`refine_chunked` (the same, writing z into an output array). The chunked entry
+points take ``reduce`` and ``gather`` hooks so that several processes can fit one mixture over their shares.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ from coninfer.errors import InputError
 Chunk = tuple[torch.Tensor, torch.Tensor]
 ChunkSource = Callable[[], Iterable[Chunk]]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+Gather = Callable[["TopKCandidates"], "TopKCandidates"]
 
 _MONITOR_TEMPERATURE = 50.0  # the official monitoring loss hard-codes 1/50 whatever the temperature
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -56,6 +59,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _no_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _no_gather(candidates: TopKCandidates) -> TopKCandidates:
+    return candidates
 
 
 @dataclass(frozen=True)
@@ -74,16 +81,20 @@ class SolverSettings:
     block_rows: int | None = None
 
     def __post_init__(self) -> None:
+        # numbers.Real / numbers.Integral also cover numpy scalars (e.g. a value read from an .npz); they are
+        # stored as Python numbers.
         for name in ("temperature", "prior_scale"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
                 raise InputError(f"{name} must be a finite number > 0, got {value!r}", hint=f"pass a positive {name}")
+            object.__setattr__(self, name, float(value))
         for name, minimum in (("iterations", 0), ("init_topk", 1), ("block_rows", 1)):
             value = getattr(self, name)
             if name == "block_rows" and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
                 raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}", hint=f"fix {name}")
+            object.__setattr__(self, name, int(value))
 
 
 @dataclass(frozen=True)
@@ -202,6 +213,8 @@ def _check_chunk(logits: Any, features: Any, position: int, *, check_values: boo
             raise InputError(f"{name}{where} must be 2-D, got shape {tuple(value.shape)}", hint=f"reshape {name} to (N, ...)")
         if value.dtype not in _FLOAT_DTYPES:
             raise InputError(f"{name}{where} must hold floats, got {value.dtype}")
+    if features.shape[1] == 0:
+        raise InputError(f"features{where} has 0 columns", hint="features must be (N, D) with D >= 1")
     if logits.shape[0] != features.shape[0]:
         raise InputError(
             f"logits{where} has {logits.shape[0]} rows but features has {features.shape[0]}",
@@ -276,14 +289,15 @@ def _initial_pass(chunks: ChunkSource, settings: SolverSettings) -> tuple[TopKCa
     candidates: TopKCandidates | None = None
     for offset, logits, features in walk:
         log_prior = torch.log_softmax(logits * settings.prior_scale, dim=1)
+        if not bool(torch.isfinite(log_prior).all()):  # finite logits, but prior_scale * logits overflowed
+            raise InputError(
+                f"prior_scale * logits overflows float32 (logits up to {float(logits.abs().max()):.3g}, "
+                f"prior_scale {settings.prior_scale:g})",
+                hint="pass cosine similarities (about -1..1) as logits, not already-scaled or unbounded scores",
+            )
         chunk_best = _chunk_candidates(log_prior, features, offset, settings.init_topk)
         candidates = chunk_best if candidates is None else candidates.merge(chunk_best, settings.init_topk)
     assert candidates is not None  # _Pass raises on an empty source
-    if walk.num_patches < settings.init_topk:
-        raise InputError(
-            f"only {walk.num_patches} patches but init_topk={settings.init_topk}",
-            hint="give at least init_topk patches or lower init_topk",
-        )
     return candidates, walk
 
 
@@ -370,11 +384,13 @@ def _m_step(
     return SolverState(means.float(), variance.float())
 
 
+@torch.no_grad()  # inputs that require grad must not record every iteration's autograd history
 def fit_context(
     chunks: ChunkSource,
     settings: SolverSettings = SolverSettings(),
     *,
     reduce: Reduce = _no_reduce,
+    gather: Gather = _no_gather,
     record_history: bool = False,
 ) -> SolverFit:
     """Fit the mixture over all chunks; returns the state that the final E-step (:func:`assign`) uses.
@@ -382,10 +398,24 @@ def fit_context(
     ``chunks()`` must return a fresh iterator of ``(logits (n, K), features (n, D))`` tensors, the same data in
     the same order every time; it is called ``iterations + 1`` times (``iterations + 2`` with
     ``record_history``).
-    ``reduce`` is applied to every summed statistic before it is used (e.g. an all-reduce sum across processes).
+
+    Several processes, each with its own share of the patches, fit one mixture with two hooks: ``reduce`` is
+    applied to every summed statistic before it is used (an all-reduce sum), and ``gather`` to this process's
+    top-k candidates before the initial means are formed (an all-gather folded with :meth:`TopKCandidates.merge`;
+    add the process's first global patch index to ``index`` so ties break as in one process). Without
+    ``gather``, every process would start from its own local top-k patches.
     """
     candidates, walk = _initial_pass(chunks, settings)
+    candidates = gather(candidates)
+    if candidates.index.shape[0] < settings.init_topk:
+        raise InputError(
+            f"only {candidates.index.shape[0]} patches but init_topk={settings.init_topk}",
+            hint="give at least init_topk patches or lower init_topk",
+        )
     state = _initial_state(candidates, candidates.features.shape[2])
+    num_patches = walk.num_patches
+    if record_history:  # the loss is averaged over the patches of all processes
+        num_patches = float(reduce(torch.tensor(float(walk.num_patches), dtype=torch.float64)))
     square_sum: torch.Tensor | None = None
     means, variances, losses = [], [], []
     for step in range(settings.iterations + int(record_history)):
@@ -396,7 +426,7 @@ def fit_context(
         if record_history:
             means.append(state.means)
             variances.append(state.variance)
-            losses.append(reduce(sums["loss"]).cpu() / walk.num_patches)
+            losses.append(reduce(sums["loss"]).cpu() / num_patches)
         if statistics:
             device = state.means.device
             square_sum = reduce(sums["square_sum"]).to(device) if square_sum is None else square_sum
@@ -408,6 +438,7 @@ def fit_context(
     return SolverFit(state, walk.num_patches, history)
 
 
+@torch.no_grad()
 def assign(logits: torch.Tensor, features: torch.Tensor, state: SolverState, settings: SolverSettings) -> torch.Tensor:
     """Final soft assignment z (n, K) float32 for one chunk, on the features' device."""
     logits, features = _check_chunk(logits, features, -1)
@@ -441,9 +472,11 @@ def refine_chunked(
     settings: SolverSettings = SolverSettings(),
     *,
     reduce: Reduce = _no_reduce,
+    gather: Gather = _no_gather,
 ) -> SolverFit:
-    """Fit over ``chunks`` and write z into ``out`` (N, K) (numpy array, memmap or tensor), chunk after chunk."""
-    fit = fit_context(chunks, settings, reduce=reduce)
+    """Fit over ``chunks`` and write z into ``out`` (N, K) (numpy array, memmap or tensor), chunk after chunk.
+    ``reduce`` and ``gather``: see :func:`fit_context`."""
+    fit = fit_context(chunks, settings, reduce=reduce, gather=gather)
     expected = (fit.num_patches, fit.state.means.shape[0])
     if tuple(out.shape) != expected:
         raise InputError(f"out has shape {tuple(out.shape)}, expected {expected}", hint="allocate out as (N, K)")
@@ -478,9 +511,11 @@ def _as_tensors(logits: Any, features: Any) -> tuple[torch.Tensor, torch.Tensor,
         return logits, features, False
     tensors = []
     for name, value in (("logits", logits), ("features", features)):
-        if value.dtype not in (np.float16, np.float32, np.float64):
+        if value.dtype.kind != "f" or value.dtype.itemsize not in (2, 4, 8):  # any byte order
             raise InputError(f"{name} must hold float16/32/64 values, got {value.dtype}", hint=f"cast {name}")
         value = value.astype(value.dtype.newbyteorder("="), copy=False)  # torch needs native byte order
+        if any(stride < 0 for stride in value.strides):  # e.g. array[::-1]; torch.from_numpy refuses these
+            value = value.copy()
         with warnings.catch_warnings():
             # A read-only array (e.g. a memory map) is fine: the solver never writes into its inputs.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -491,6 +526,8 @@ def _as_tensors(logits: Any, features: Any) -> tuple[torch.Tensor, torch.Tensor,
 def _refine(logits: Any, features: Any, settings: SolverSettings, record_history: bool) -> RefineResult:
     logits_t, features_t, numpy_in = _as_tensors(logits, features)
     logits_t, features_t = _check_chunk(logits_t, features_t, -1)
+    if logits_t.shape[0] == 0:
+        raise InputError("logits and features have no rows", hint="pass at least init_topk patches")
 
     def one_chunk() -> Iterator[Chunk]:
         yield logits_t, features_t

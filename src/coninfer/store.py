@@ -8,13 +8,26 @@ unrecorded group of tiles and computes exactly the same numbers.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from coninfer.errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two runs on one store are then the user's to avoid
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
 STORE_VERSION = 1
+_SPACE_HINT = "free some disk space, or pass --workdir with a folder on a disk with more room"
 
 
 class TileFile:
@@ -32,10 +45,14 @@ class TileFile:
         self.shape = shape
         self.tile_shape = shape[1:]
         self.tile_bytes = int(np.prod(self.tile_shape)) * self.dtype.itemsize
-        if create or not path.exists():
-            with open(path, "wb") as handle:  # sparse: only written tiles take disk space
-                handle.truncate(shape[0] * self.tile_bytes)
-        self._fd = os.open(path, os.O_RDWR)
+        self._fd = -1
+        try:
+            if create or not path.exists():
+                with open(path, "wb") as handle:  # sparse: only written tiles take disk space
+                    handle.truncate(shape[0] * self.tile_bytes)
+            self._fd = os.open(path, os.O_RDWR)
+        except OSError as error:
+            raise _write_error(path, error) from error
 
     def __getitem__(self, indices: int | Sequence[int]) -> np.ndarray:
         """One tile ``tile_shape``, or (len(indices), *tile_shape) for a list of tile indexes."""
@@ -51,7 +68,10 @@ class TileFile:
         for start, count in _runs(indices):
             if start < 0 or start + count > self.shape[0]:
                 raise IndexError(f"tiles {start}..{start + count - 1} outside 0..{self.shape[0] - 1}")
-            os.pwrite(self._fd, values[done : done + count].tobytes(), start * self.tile_bytes)
+            try:
+                os.pwrite(self._fd, values[done : done + count].tobytes(), start * self.tile_bytes)
+            except OSError as error:
+                raise _write_error(self.path, error) from error
             done += count
 
     def _read_run(self, start: int, count: int) -> np.ndarray:
@@ -127,5 +147,61 @@ class TileStore:
         if solved is not None:
             self.state["solved"] = solved
         temporary = self.state_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.state))
-        os.replace(temporary, self.state_path)
+        try:
+            temporary.write_text(json.dumps(self.state))
+            os.replace(temporary, self.state_path)
+        except OSError as error:
+            raise _write_error(self.state_path, error) from error
+
+
+def _write_error(path: Path, error: OSError) -> OutputError:
+    """A failed write into the store (a full disk, most often) as a one-line error saying what to do."""
+    return OutputError(f"cannot write the work store {path}: {error.strerror or error}", hint=_SPACE_HINT)
+
+
+@contextmanager
+def locked_folder(folder: Path) -> Iterator[Path]:
+    """Create ``folder`` and hold an exclusive lock on it for the block, so that two runs (processes or threads)
+    never write one store. The lock goes with the process, so a killed run leaves none behind.
+
+    Raises:
+        OutputError: another run holds the lock, or the folder cannot be created.
+    """
+    for _attempt in range(3):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = os.open(folder, os.O_RDONLY)
+        except OSError as error:
+            raise OutputError(f"cannot create the work folder {folder}: {error.strerror or error}",
+                              hint="pass --workdir with a writable folder") from error
+        try:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise OutputError(f"another run is using the work folder {folder} (same input and settings)",
+                              hint="wait for it to finish, or pass another --workdir") from None
+        except OSError as error:  # a file system without locks: run unlocked rather than not at all
+            logger.warning("cannot lock the work folder %s (%s): two identical runs would share it", folder,
+                           error.strerror or error)
+        try:
+            if os.stat(folder).st_ino == os.fstat(handle).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(handle)  # the run that held the lock removed the folder meanwhile: lock the new one
+    else:
+        raise OutputError(f"the work folder {folder} keeps disappearing", hint="pass another --workdir")
+    try:
+        yield folder
+    finally:
+        os.close(handle)
+
+
+def clear_folder(folder: Path) -> None:
+    """Delete what ``folder`` holds, keeping the folder itself (and a lock held on it)."""
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

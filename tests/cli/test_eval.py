@@ -135,6 +135,26 @@ class TestEvalOneDataset:
         assert json.loads((tmp_path / "second.json").read_text()) == json.loads((tmp_path / "first.json").read_text())
         assert second.stdout == first.stdout
 
+    def test_rerun_after_the_data_changed_starts_over(self, potsdam, tmp_path):
+        """More images converted since the last run: a fresh evaluation, not an error about the saved state."""
+        args = ["Potsdam", "--data-root", str(potsdam), *TINY, "--state-dir", str(tmp_path / "state"),
+                "--output", str(tmp_path / "results.json"), "--overwrite"]
+        assert run(*args).exit_code == 0
+        write_converted(potsdam, "Potsdam", 3, seed=5)  # tile_0, tile_1 rewritten and tile_2 added
+        second = run(*args)
+        assert second.exit_code == 0, second.output
+        assert json.loads((tmp_path / "results.json").read_text())[0]["n_images"] == 3
+
+    def test_partial_runs_are_marked_in_the_table(self, potsdam, tmp_path):
+        """--limit or another context size than the paper's 50: the comparison is flagged under the table."""
+        limited = run("Potsdam", "--data-root", str(potsdam), *TINY, "--limit", "1", "--context-size", "1",
+                      "--state-dir", str(tmp_path / "state"))
+        assert limited.exit_code == 0, limited.output
+        assert "Potsdam: first 1 images (--limit), context size 1 (paper: 50)" in limited.stdout
+        full = run("Potsdam", "--data-root", str(potsdam), *TINY, "--state-dir", str(tmp_path / "state"))
+        assert full.exit_code == 0, full.output
+        assert "--limit" not in full.stdout and "paper: 50" not in full.stdout
+
     def test_baseline_needs_no_vfm(self, potsdam, tmp_path, monkeypatch):
         def no_vfm(*args, **kwargs):
             raise AssertionError("the baseline must not load a VFM")

@@ -81,7 +81,24 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
     np.savez(files["nan"], logits=logits, features=arrays["features"])
     files["pickled"] = tmp_path / "pickled.npz"
     np.savez(files["pickled"], logits=np.array([{"a": 1}], dtype=object), features=arrays["features"])
+    files["corrupt_deflate"] = tmp_path / "corrupt.npz"
+    np.savez_compressed(files["corrupt_deflate"], **arrays)
+    _damage_deflate_stream(files["corrupt_deflate"], "features.npy")
     return files
+
+
+def _damage_deflate_stream(path: Path, member: str) -> None:
+    """Overwrite the start of ``member``'s compressed data with a reserved deflate block type (zlib.error)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    data = bytearray(path.read_bytes())
+    name_length = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_length = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_length + extra_length
+    data[start] = 0x07  # BFINAL=1, BTYPE=11 (reserved): "invalid block type"
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize(
@@ -95,6 +112,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
         ("row_mismatch", "rows"),
         ("nan", "NaN"),
         ("pickled", "cannot read"),
+        ("corrupt_deflate", "cannot read"),
     ],
 )
 def test_bad_input_file(tmp_path: Path, case: str, message: str) -> None:

@@ -186,6 +186,17 @@ def test_summary_and_overwrite(tmp_path: Path) -> None:
         assert src.count == 1
 
 
+def test_the_scene_is_opened_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening reads the whole file (decimated) for the stretch: the command must not pay for it twice."""
+    from coninfer.raster import read
+
+    calls, real = [], read.open_scene
+    monkeypatch.setattr(read, "open_scene", lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs))
+    result = _run(scenes.multispectral(tmp_path / "scene.tif", count=3), "-q")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1
+
+
 # -- bad inputs: one line on stderr, exit code 2, nothing written -------------------------------------------------
 
 

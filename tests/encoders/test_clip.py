@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from coninfer.encoders.clip import (
@@ -21,7 +22,7 @@ from coninfer.encoders.clip import (
     check_tokenizer,
     interpolate_position_embedding,
 )
-from coninfer.encoders.convert_clip import load_clip
+from coninfer.encoders.convert_clip import load_clip, to_open_clip_state_dict
 from coninfer.errors import InputError, ModelLoadError
 from coninfer.prompts import load_templates
 
@@ -215,6 +216,38 @@ class TestText:
         torch.testing.assert_close(embeddings[1], torch.nn.functional.normalize(raw, dim=0), atol=1e-5, rtol=1e-5)
         assert list((tmp_path / "text_embeddings").glob("*.safetensors"))
         assert tiny.text_model_key.startswith("tiny-random-clip-seed0|float32|")
+
+    def test_cache_key_tracks_what_changes_text_embeddings(self, tiny, tmp_path: Path) -> None:
+        """Same name, same weights but another activation or head count must not reuse cached embeddings."""
+        checkpoint = tmp_path / "shared-name.safetensors"
+        save_file(to_open_clip_state_dict(tiny), str(checkpoint))
+        tokenizer = tmp_path / "tokenizer"
+        tiny.tokenizer.save_pretrained(str(tokenizer))
+        variants = [load_clip(checkpoint, heads=4, text_heads=4, tokenizer=tokenizer),
+                    load_clip(checkpoint, heads=4, text_heads=4, tokenizer=tokenizer, activation="gelu"),
+                    load_clip(checkpoint, heads=4, text_heads=2, tokenizer=tokenizer)]
+        assert len({model.text_model_key for model in variants}) == 3
+        cache = tmp_path / "cache"
+        for model in variants:
+            cached = model.encode_queries(["road", "tree"], cache_dir=cache)
+            fresh = model.encode_queries(["road", "tree"], use_cache=False)
+            torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+
+    def test_cache_key_sees_any_text_weight(self, tiny) -> None:
+        other = build_tiny_clip(seed=0)
+        with torch.no_grad():
+            other.model.text_model.encoder.layers[1].mlp.fc2.weight.mul_(1.5)  # e.g. a merged text-tower adapter
+        assert other.text_model_key != tiny.text_model_key
+
+    def test_truncated_text_is_reported(self, tiny, caplog: pytest.LogCaptureFixture) -> None:
+        long_name = "very " * 90 + "long building"
+        with caplog.at_level("WARNING", logger="coninfer.encoders.clip"):
+            tiny.encode_text([long_name, "road"])
+        assert "77" in caplog.text and "very very" in caplog.text
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="coninfer.encoders.clip"):
+            tiny.encode_text(["road"])
+        assert caplog.text == ""
 
     def test_tiny_tokenizer_is_real_bpe(self, tiny) -> None:
         tokens = tiny.tokenizer.convert_ids_to_tokens(tiny.tokenizer("a photo of a building.")["input_ids"])

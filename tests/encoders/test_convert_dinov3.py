@@ -284,6 +284,13 @@ class TestRoundTrips:
         torch.testing.assert_close(loaded.dense_features(images), vfm.dense_features(images), rtol=0, atol=1e-6)
         assert loaded.normalization == SAT493M
 
+    def test_sat_in_a_parent_folder_does_not_pick_sat_statistics(self, tmp_path: Path) -> None:
+        """Remote-sensing users keep models under folders like ``satellite/``: only the model's own name counts."""
+        vfm = build_tiny_dinov3(6)
+        folder = tmp_path / "satellite" / "sat" / "dinov3-vitl16-pretrain-lvd1689m"
+        vfm.model.save_pretrained(folder)
+        assert load_vfm(folder).normalization == IMAGENET
+
     def test_save_refuses_non_empty_folder(self, tmp_path: Path) -> None:
         (tmp_path / "taken").mkdir()
         (tmp_path / "taken" / "file.txt").write_text("x")
@@ -301,6 +308,13 @@ class TestRefusals:
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(InputFileError, match="not found"):
             load_vfm(tmp_path / "absent.pth")
+
+    def test_clip_checkpoint_given_as_vfm(self, tmp_path: Path) -> None:
+        path = tmp_path / "RemoteCLIP-ViT-B-32.safetensors"
+        save_file({"visual.conv1.weight": torch.zeros(8, 3, 4, 4), "visual.proj": torch.zeros(8, 4)}, str(path))
+        with pytest.raises(CheckpointFormatError, match="CLIP") as info:
+            load_vfm(path)
+        assert "--vlm" in info.value.hint
 
     def test_unknown_format(self) -> None:
         with pytest.raises(InputError, match="unknown checkpoint format"):

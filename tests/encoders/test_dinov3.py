@@ -32,6 +32,11 @@ class TestNormalization:
         assert normalization_for("dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth") == SAT493M
         assert normalization_for("timm/vit_huge_plus_patch16_dinov3.lvd1689m") == IMAGENET
         assert normalization_for("facebook/dinov2-large") == IMAGENET
+        assert normalization_for("dinov3-l16-sat") == SAT493M
+        assert normalization_for("/data/satellite/dinov3-vitl16-pretrain-lvd1689m") == IMAGENET
+        assert normalization_for("/data/sat/dinov3-vitl16-pretrain-lvd1689m/") == IMAGENET
+        assert normalization_for("/data/models/dinov3-vitl16-pretrain-sat493m") == SAT493M
+        assert normalization_for("dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth") == SAT493M
 
     def test_values(self) -> None:
         assert SAT493M.mean == (0.430, 0.411, 0.296) and SAT493M.std == (0.213, 0.156, 0.143)

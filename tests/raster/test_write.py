@@ -26,6 +26,7 @@ from coninfer.raster import (
     TileGrid,
     block_windows,
     check_output_path,
+    class_areas,
     class_statistics,
     count_classes,
     default_colors,
@@ -176,10 +177,36 @@ class TestVectors:
             units = {f.properties["area_unit"] for f in src}
         assert areas == {"background": 575.0, "road": 25.0} and units == {"pixel"}
 
+    def test_geographic_crs_areas_in_square_metres(self, tmp_path: Path) -> None:
+        """Lon/lat (EPSG:4326): polygon and report areas on the ellipsoid in m², equal to each other."""
+        georef = Georef(120, 70, CRS.from_epsg(4326), Affine(1e-4, 0.0, 6.9, 0.0, -1e-4, 50.95))
+        labels = _labels(georef)
+        write_vectors(tmp_path / "v.gpkg", write_class_map(tmp_path / "c.tif", labels, georef, NAMES), NAMES)
+        with fiona.open(tmp_path / "v.gpkg") as src:
+            areas = {f.properties["class_id"]: f.properties["area"] for f in src}
+            assert {f.properties["area_unit"] for f in src} == {"m2"}
+        blocks = [(window, labels[window.toslices()]) for window in block_windows(120, 70, block_size=32)]
+        by_class = sum(class_areas(block, window, georef, len(NAMES)) for window, block in blocks)
+        stats = class_statistics(count_classes(labels, len(NAMES)), NAMES, georef, by_class)
+        assert [row["area_unit"] for row in stats] == ["m2"] * 4
+        assert [areas[i] for i in range(4)] == pytest.approx([row["area"] for row in stats], rel=1e-9)
+        # a 1e-4 degree pixel near 51 N is about 7.0 m x 11.1 m
+        pixel = stats[0]["area"] / stats[0]["pixels"]
+        assert pixel == pytest.approx(7.01 * 11.13, rel=5e-3)
+
     def test_unknown_extension(self, tmp_path: Path) -> None:
         with pytest.raises(OutputError, match="unknown extension '.shp'") as info:
             write_vectors(tmp_path / "v.shp", np.zeros((2, 2), np.uint8), NAMES, GEOREF)
         assert ".gpkg" in info.value.hint
+
+
+class TestColors:
+    def test_no_class_is_black_white_or_repeated(self) -> None:
+        """Black is nodata's colour where the colour table's alpha is ignored; white vanishes on the legend."""
+        colors = np.asarray(default_colors(NODATA_LABEL), int)
+        assert len({tuple(c) for c in colors}) == NODATA_LABEL
+        assert (colors.max(axis=1) >= 40).all() and (colors.min(axis=1) <= 215).all()
+        assert default_colors(3) == default_colors(30)[:3]
 
 
 class TestPreview:

@@ -182,7 +182,7 @@ def evaluate_one(spec, data_root: Path, encoders: EncoderCache, run: RunOptions)
     The state file's name hashes every setting that changes the result (and the data folder), so a rerun of
     the same command resumes it and a run with other settings starts its own.
     """
-    from coninfer.evaluate import evaluate_dataset
+    from coninfer.evaluate import evaluate_dataset, list_samples
     from coninfer.pipeline import InferenceSettings, Models, infer_tiles
     from coninfer.prompts import ClassList
 
@@ -208,8 +208,10 @@ def evaluate_one(spec, data_root: Path, encoders: EncoderCache, run: RunOptions)
 
     run_settings = {"vlm": run.vlm, "vfm": vfm_source, "clip": asdict(clip_settings), "inference": asdict(settings),
                     "precision": str(encoders.dtype).removeprefix("torch.")}
+    # the image list too: a rerun after more data was converted starts its own state instead of failing on the old
+    names = [sample.name for sample in list_samples(spec, data_root)[: run.limit]]
     identity = {**run_settings, "context_size": run.context_size, "limit": run.limit,
-                "data_root": str(data_root.resolve())}
+                "data_root": str(data_root.resolve()), "images": hashlib.sha1("\n".join(names).encode()).hexdigest()}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     state_path = run.state_root / f"{spec.name}-{run.method}-{digest}.json"
     return evaluate_dataset(spec, data_root, predict_batch, context_size=run.context_size, limit=run.limit,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import click
@@ -34,7 +35,7 @@ def _load_inputs(path: Path) -> tuple[np.ndarray, np.ndarray]:
                     hint="store logits (N, K) and features (N, D) under those names",
                 )
             return archive["logits"], archive["features"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # zlib: damaged compressed npz
         if isinstance(error, InputError):
             raise
         raise InputFileError(f"cannot read {path} as .npz: {error}", hint="check that the file is a numpy .npz") from error

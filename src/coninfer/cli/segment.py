@@ -80,6 +80,8 @@ def segment(input_path: Path, output: Path, classes_text: str | None, classes_fi
     band_indexes = read.parse_bands(bands) if bands else None
     options = SceneOptions(tile_size=tile_size, overlap=overlap, context=context, context_size=context_size,
                            batch_size=batch_size)
+    if context == "none":
+        method = "baseline"  # the prior alone: the VFM would be loaded and run for nothing
     settings = InferenceSettings(model_res=model_res, method=method, temperature=temperature,
                                  prob_thd=prob_thd, bg_idx=bg_class)
     # fail on bad inputs/outputs before loading any model
@@ -89,8 +91,8 @@ def segment(input_path: Path, output: Path, classes_text: str | None, classes_fi
     if read.scene_is_empty(scene):
         raise InputError(f"{input_path} is entirely nodata", hint="check the nodata value / mask of the input")
     segmenter = Segmenter(classes, vlm=vlm, vfm=vfm, device=device, precision=precision, settings=settings)
-    summary = segmenter.segment_file(
-        input_path, output, options, bands=band_indexes, probabilities=probabilities, vector=vector,
+    summary = segmenter.segment_file(  # the scene opened above: its stretch needed a read of the whole file
+        scene, output, options, probabilities=probabilities, vector=vector,
         preview=preview, report=report, workdir=workdir, resume=resume, overwrite=overwrite, progress=not quiet)
     if not quiet:
         for row in summary["classes"]:

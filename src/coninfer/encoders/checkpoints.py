@@ -42,17 +42,24 @@ def load_state_dict(path: str | Path) -> StateDict:
             raise CheckpointFormatError(f"cannot read {path} as safetensors: {error}") from error
     if _is_torchscript_archive(path):
         logger.info("%s is a TorchScript archive; reading its parameters with torch.jit.load", path)
-        module = torch.jit.load(str(path), map_location="cpu")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as error:  # torch raises RuntimeError and others for damaged archives
+            raise CheckpointFormatError(f"cannot read {path} as a TorchScript archive: {_first_line(error)}",
+                                        hint="the file is damaged or incomplete; download it again") from error
         return unwrap_state_dict({name: tensor.detach().clone() for name, tensor in module.state_dict().items()})
     try:
         content = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # torch's own first line is generic advice (with terminal colour codes), not the reason
         raise CheckpointFormatError(
-            f"refusing to load {path}: it is a pickle that needs arbitrary code to load ({_first_line(error)})",
+            f"refusing to load {path}: it is a pickle that needs arbitrary code to load (e.g. a whole nn.Module, "
+            "or training objects next to the weights)",
             hint="convert it to .safetensors in an environment you trust, or use a safetensors copy of the weights",
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointFormatError(f"cannot read {path} as a torch checkpoint: {_first_line(error)}") from error
+    except Exception as error:  # garbage makes torch's unpickler fail with IndexError, KeyError, ... too
+        raise CheckpointFormatError(f"cannot read {path} as a torch checkpoint: {_first_line(error)}",
+                                    hint="the file is damaged, incomplete or not a checkpoint") from error
     if not isinstance(content, Mapping):
         raise CheckpointFormatError(f"{path} holds a {type(content).__name__}, not a state dict of tensors")
     return unwrap_state_dict(content)

@@ -18,6 +18,8 @@ softmax terms), so no L x L attention matrix is ever materialised here; MaskCLIP
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,11 +32,18 @@ from torch import nn
 from coninfer.errors import InputError, ModelLoadError
 from coninfer.prompts import embed_queries, load_templates
 
+logger = logging.getLogger(__name__)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VARIANTS = ("vanilla", "maskclip", "sclip", "clearclip", "segearth")
 MID_BLOCKS = (1, 4, 7, 10)  # 0-based blocks whose attention maps form R (blocks 2, 5, 8, 11 in the paper)
 FUSION_SCALE = 3.0  # the official code rescales the fused map by 3, whatever the variant
+
+# text-config fields that change text embeddings but are not stored in an OpenAI/open_clip state dict
+_TEXT_SWITCHES = ("hidden_act", "num_attention_heads", "layer_norm_eps", "max_position_embeddings", "eos_token_id")
+_TOKENIZER_PROBE = "a photo of a building, a road and 2 cars."
+_FINGERPRINT_VALUES = 4096  # values sampled per text weight for the cache key
 
 _VARIANT_TABLE = {  # paper Table 2 / ConInfer configs: (ignore_residual, attn_lambda)
     "vanilla": (False, 0.0),
@@ -158,12 +167,22 @@ class DenseCLIP(nn.Module):
 
     @property
     def text_model_key(self) -> str:
-        """Identifies the text encoder (name, dtype and a fingerprint of its weights) for the embedding cache."""
+        """Identifies the text encoder for the embedding cache: name, dtype and a fingerprint of all that shapes a
+        text embedding. That includes the switches a checkpoint file cannot record (activation, head count: the
+        same file loaded with another ``activation`` gives other embeddings), a sample of every text weight, and
+        the tokenizer."""
         self._require_text()
-        digest = hashlib.sha256()
-        for weight in (self.model.text_projection.weight, self.model.text_model.final_layer_norm.weight,
-                       self.model.text_model.embeddings.token_embedding.weight[:64]):
-            digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
+        config = self.model.config.text_config
+        switches = {field: getattr(config, field, None) for field in _TEXT_SWITCHES}
+        probe = list(self.tokenizer(_TOKENIZER_PROBE)["input_ids"])
+        digest = hashlib.sha256(json.dumps([switches, len(self.tokenizer), probe], default=str).encode())
+        weights = [("text_projection.weight", self.model.text_projection.weight),
+                   *self.model.text_model.named_parameters()]
+        for name, weight in weights:
+            flat = weight.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _FINGERPRINT_VALUES)]  # cheap, yet sees every tensor
+            digest.update(f"{name}{tuple(weight.shape)}".encode())
+            digest.update(sample.float().cpu().numpy().tobytes())
         return f"{self.name}|{str(self.dtype).removeprefix('torch.')}|{digest.hexdigest()[:16]}"
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -206,6 +225,7 @@ class DenseCLIP(nn.Module):
         self._require_text()
         texts = list(texts)
         max_length = int(self.model.config.text_config.max_position_embeddings)
+        _warn_if_truncated(texts, self.tokenizer(texts, verbose=False)["input_ids"], max_length)
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         pooled = self.model.text_model(input_ids=batch["input_ids"].to(self.device),
                                        attention_mask=batch["attention_mask"].to(self.device)).pooler_output
@@ -262,6 +282,16 @@ class DenseCLIP(nn.Module):
         if not self.has_text:
             raise ModelLoadError(f"{self.name} has no text encoder (visual-only checkpoint or no tokenizer)",
                                  hint="load a checkpoint with a text tower, or pass precomputed query embeddings")
+
+
+def _warn_if_truncated(texts: list[str], token_ids: list[list[int]], max_length: int) -> None:
+    """Log the texts longer than the text encoder's context: they are cut, so queries that differ only after the
+    cut would get the same embedding (CLIP's own tokenizer refuses such texts; open_clip cuts them silently)."""
+    cut = [(text, len(ids)) for text, ids in zip(texts, token_ids, strict=True) if len(ids) > max_length]
+    if cut:
+        text, length = cut[0]
+        logger.warning("%d of %d texts exceed CLIP's %d-token context and are truncated, e.g. %r (%d tokens); "
+                       "shorten long class names", len(cut), len(texts), max_length, text, length)
 
 
 def interpolate_position_embedding(position_embedding: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -183,6 +183,9 @@ def detect_format(state_dict: Mapping[str, torch.Tensor], *, source: str = "chec
         return "timm"
     if "embeddings.patch_embeddings.weight" in keys:
         return "transformers"
+    if "visual.conv1.weight" in keys or any(k.startswith("vision_model.") for k in keys):
+        raise CheckpointFormatError(f"{source} is a CLIP checkpoint, not a DINOv3/DINOv2 one",
+                                    hint="pass it as the vision-language model (--vlm, or --role vlm)")
     raise CheckpointFormatError(f"{source}: cannot tell the DINOv3 checkpoint format from its keys, e.g. "
                                 f"{sorted(keys)[:3]}", hint="pass format='meta', 'timm' or 'transformers'")
 

@@ -11,6 +11,7 @@ Token layout of both model families: ``[cls, registers x R, patches (row-major o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +56,13 @@ IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD, "imagenet")
 
 
 def normalization_for(source_name: str) -> Normalization:
-    """Pick the pixel statistics from a checkpoint's name: SAT-493M weights contain ``sat`` in every official name."""
-    return SAT493M if "sat" in source_name.lower() else IMAGENET
+    """Pick the pixel statistics from a checkpoint's name: SAT-493M weights contain ``sat`` in every official name.
+
+    Only the last component of a path or hub id counts, and only ``sat`` not inside a word (``sat493m``,
+    ``vitl16sat``, ``-sat``): a model kept under ``/data/satellite/`` or ``/data/sat/`` is not a SAT-493M model.
+    """
+    last = source_name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+    return SAT493M if re.search(r"(?<![a-z])sat(?![a-z])", last) else IMAGENET
 
 
 def resolve_normalization(value: Normalization | str | None, source_name: str) -> Normalization:

@@ -25,6 +25,8 @@ _TITLES = {
     "Table1": "Table 1: multi-class segmentation, mIoU (%)",
     "Table3": "Table 3: single-class extraction, foreground IoU (%)",
 }
+PAPER_CONTEXT_SIZE = 50
+"""Images per solver run in the paper's evaluation (mmseg's batch size)."""
 _BASELINE_NAMES = {"baseline", "maskclip*", "maskclip* (baseline)", "maskclipstar", "maskclip*baseline"}
 
 
@@ -93,7 +95,21 @@ def format_table(
         delta_average = _mean(ours[d] for d in covered) - _mean(reference.get(d) for d in covered)
     cells = [_cell(delta[d], signed=True) for d in datasets] + [_cell(delta_average, signed=True)]
     lines.append(f"| Δ ours − paper {reference_method} | " + " | ".join(cells) + " |")
+    deviations = [_protocol_deviation(r) for r in parsed if r.dataset in datasets]
+    if any(deviations):
+        lines += ["", "Not the paper's protocol, so not comparable: " + "; ".join(d for d in deviations if d) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _protocol_deviation(result: EvalResult) -> str:
+    """What of ``result``'s run differs from the paper's evaluation (every image, batches of 50), or ''."""
+    parts = []
+    if result.settings.get("limit") is not None:
+        parts.append(f"first {result.settings['limit']} images (--limit)")
+    context_size = result.settings.get("context_size", PAPER_CONTEXT_SIZE)
+    if context_size != PAPER_CONTEXT_SIZE:
+        parts.append(f"context size {context_size} (paper: {PAPER_CONTEXT_SIZE})")
+    return f"{result.dataset}: {', '.join(parts)}" if parts else ""
 
 
 def format_report(results: Sequence[EvalResult | Mapping[str, Any]], *, method: str | None = None) -> str:

@@ -31,6 +31,7 @@ from rasterio.io import DatasetReader
 from rasterio.windows import Window, WindowError
 
 from coninfer.errors import InputError, InputFileError
+from coninfer.raster import geodesy
 
 STATS_SIZE = 1024
 """Longest side, in pixels, of the decimated read behind the stretch and the emptiness check (~1024² samples)."""
@@ -76,22 +77,51 @@ class Georef:
         return self.crs.linear_units_factor[1] if self.is_projected else None
 
     @property
+    def is_geographic(self) -> bool:
+        """True when the CRS is longitude/latitude, so a pixel's area in m² depends on its latitude."""
+        return self.crs is not None and self.crs.is_geographic
+
+    @property
     def area_unit(self) -> str:
-        """Unit of :attr:`pixel_area`: "m2" (projected CRS), "<unit>2" such as "degree2" (geographic CRS),
-        "pixel" (no CRS, identity transform) or "map_unit2" (no CRS but a transform)."""
-        if self.is_projected:
+        """Unit of :meth:`pixel_areas`: "m2" (projected or geographic CRS), "pixel" (no CRS, identity
+        transform) or "map_unit2" (no CRS but a transform)."""
+        if self.is_projected or self.is_geographic:
             return "m2"
-        if self.crs is not None:
-            return f"{self.crs.units_factor[0]}2"
         return "pixel" if self.transform.is_identity else "map_unit2"
 
     @property
     def pixel_area(self) -> float:
         """Area of one pixel in :attr:`area_unit`: ``|a*e - b*d|`` of the transform, times the squared metre
-        factor of the CRS unit when projected (so feet become m²)."""
+        factor of the CRS unit when projected (so feet become m²). For a geographic CRS, where the area depends
+        on the latitude, the area of the scene's centre pixel (use :meth:`pixel_areas` to sum areas)."""
+        if self.is_geographic:
+            centre = Window(self.width // 2, self.height // 2, 1, 1)
+            return float(self.pixel_areas(centre)[0, 0])
         a, b, _, d, e, _ = self.transform[:6]
         area = abs(a * e - b * d)
         return area * self.metres_per_unit**2 if self.is_projected else area
+
+    def pixel_areas(self, window: Window) -> np.ndarray:
+        """Area of each pixel of ``window`` in :attr:`area_unit`, float64 broadcastable to (h, w): (1, 1) when
+        constant, (h, 1) for a geographic CRS whose latitude follows the rows, else (h, w).
+
+        Geographic CRS: each pixel's area on the CRS's ellipsoid (:mod:`coninfer.raster.geodesy`), exact
+        between the latitudes of its edges when latitude depends on the row only, else from the area element
+        at its centre.
+        """
+        if not self.is_geographic:
+            return np.full((1, 1), self.pixel_area)
+        axis, e2 = geodesy.ellipsoid(self.crs)
+        scale = geodesy.radians_per_unit(self.crs)
+        a, b, _, d, e, f = self.transform[:6]
+        rows = window.row_off + np.arange(int(window.height), dtype=np.float64)
+        if d == 0:  # latitude = f + e * row: exact zone area between the pixel's top and bottom edges
+            top = geodesy.zone_area((f + e * rows) * scale, axis, e2)
+            bottom = geodesy.zone_area((f + e * (rows + 1)) * scale, axis, e2)
+            return (abs(a) * scale * np.abs(bottom - top))[:, None]
+        cols = window.col_off + np.arange(int(window.width), dtype=np.float64)
+        latitude = (f + d * (cols[None, :] + 0.5) + e * (rows[:, None] + 0.5)) * scale
+        return abs(a * e - b * d) * scale**2 * geodesy.area_density(latitude, axis, e2)
 
     def profile(self, *, count: int, dtype: str, nodata: float | None = None) -> dict:
         """rasterio creation profile of a tiled GeoTIFF on this grid."""

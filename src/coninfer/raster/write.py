@@ -28,6 +28,7 @@ from rasterio.io import DatasetWriter
 from rasterio.windows import Window
 
 from coninfer.errors import OutputError
+from coninfer.raster import geodesy
 from coninfer.raster.read import Georef, _quiet
 from coninfer.raster.tiles import NODATA_LABEL, block_windows
 
@@ -35,11 +36,15 @@ Color = tuple[int, int, int]
 
 # Fixed palette: the first entries suit common land-cover classes in their usual order
 # (background, building, road, tree/forest, low vegetation, water, agriculture, bare soil), then distinct hues.
+# No class is black or white: black is the colour of nodata (255) in viewers that ignore the colour table's
+# alpha, and white would vanish into the preview's legend panel and wash out the image under it.
 _PALETTE: tuple[Color, ...] = (
-    (0, 0, 0), (222, 31, 7), (255, 255, 255), (34, 97, 38), (0, 255, 36), (0, 69, 255), (255, 195, 128),
-    (128, 0, 0), (148, 148, 148), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 0, 128), (0, 128, 128),
-    (255, 128, 0), (128, 128, 0), (0, 0, 128), (255, 128, 192), (128, 64, 0), (64, 192, 128),
+    (128, 128, 128), (222, 31, 7), (250, 210, 40), (34, 97, 38), (0, 230, 36), (0, 69, 255), (255, 160, 96),
+    (150, 90, 40), (0, 220, 220), (230, 0, 230), (128, 0, 128), (0, 128, 128), (128, 0, 0), (128, 128, 0),
+    (0, 0, 128), (255, 128, 192), (64, 192, 128), (96, 96, 255), (192, 64, 0), (160, 230, 110),
 )  # fmt: skip
+_EXTRA_COLOR_RANGE = (40, 216)
+"""Channel range of the pseudo-random colours beyond the palette: never near black or white."""
 _COG_OPTIONS = {"compress": "deflate", "blocksize": 512, "bigtiff": "IF_SAFER"}
 _VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 
@@ -47,7 +52,8 @@ _VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 def default_colors(n: int) -> list[Color]:
     """``n`` RGB colours: the fixed palette, then deterministic pseudo-random colours beyond its length."""
     rng = np.random.default_rng(0)
-    extra = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(max(0, n - len(_PALETTE)))]
+    low, high = _EXTRA_COLOR_RANGE
+    extra = [tuple(int(v) for v in rng.integers(low, high, 3)) for _ in range(max(0, n - len(_PALETTE)))]
     return [*_PALETTE, *extra][:n]
 
 
@@ -247,17 +253,21 @@ def write_vectors(
     class_map: str | Path | np.ndarray,
     class_names: Sequence[str],
     georef: Georef | None = None,
+    *,
+    layer: str | None = None,
 ) -> Path:
     """Write one dissolved MultiPolygon per present class to GeoPackage (.gpkg) or GeoJSON (.geojson/.json).
 
     GDAL's polygonize (4-connected) merges touching pixels of a value into one polygon; the polygons of a class
     become the parts of its MultiPolygon. Attributes: ``class_id``, ``class_name``, ``area`` and ``area_unit``
-    (see :attr:`Georef.area_unit`: m² for a projected CRS, else CRS units² or pixels), polygon areas summed by
-    the shoelace formula. Coordinates are in the input CRS. Classes absent from the map get no feature.
+    (see :attr:`Georef.area_unit`: m² for a projected or geographic CRS, else map units² or pixels), polygon
+    areas summed by the shoelace formula (on the ellipsoid for a geographic CRS, see
+    :mod:`~coninfer.raster.geodesy`). Coordinates are in the input CRS. Classes absent from the map get no feature.
     GDAL reads a class-map file block by block, but all polygons are held in memory until written.
 
     Args:
         class_map: path of a written class map (its grid is used) or an (H, W) uint8 array with ``georef``.
+        layer: layer name [default: the file name without its suffix].
     """
     path = Path(path)
     driver = _VECTOR_DRIVERS.get(path.suffix.lower())
@@ -278,14 +288,13 @@ def write_vectors(
         "geometry": "MultiPolygon",
         "properties": {"class_id": "int", "class_name": "str", "area": "float", "area_unit": "str"},
     }
-    scale = georef.metres_per_unit**2 if georef.is_projected else 1.0
-    layer = re.sub(r"\W", "_", path.stem)  # GPKG layer names allow no dots or spaces
+    layer = re.sub(r"\W", "_", layer or path.stem)  # GPKG layer names allow no dots or spaces
     with (
         atomic_path(path) as temporary,
         fiona.open(temporary, "w", driver=driver, schema=schema, crs=georef.crs, layer=layer) as sink,
     ):
         for class_id, polygons in sorted(parts.items()):
-            area = scale * sum(_polygon_area(rings) for rings in polygons)
+            area = sum(_polygon_area(rings, georef) for rings in polygons)
             properties = {"class_id": class_id, "class_name": class_names[class_id], "area": area}
             properties["area_unit"] = georef.area_unit
             sink.write(
@@ -342,9 +351,22 @@ def count_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(labels.ravel(), minlength=256)[:num_classes].astype(np.int64)
 
 
-def class_statistics(counts: np.ndarray, class_names: Sequence[str], georef: Georef) -> list[dict]:
+def class_areas(labels: np.ndarray, window: Window, georef: Georef, num_classes: int) -> np.ndarray:
+    """Area per class (num_classes,) float64 in :attr:`Georef.area_unit` of a labels block (h, w) uint8 at
+    ``window``; 255 (invalid) is not counted. Sum the areas of all blocks for a scene (needed for a geographic
+    CRS, whose pixels differ in area)."""
+    areas = np.broadcast_to(georef.pixel_areas(window), labels.shape)
+    return np.bincount(labels.ravel(), weights=areas.ravel(), minlength=256)[:num_classes]
+
+
+def class_statistics(
+    counts: np.ndarray, class_names: Sequence[str], georef: Georef, areas: np.ndarray | None = None
+) -> list[dict]:
     """One dict per class: ``class_id``, ``class_name``, ``pixels``, ``fraction`` (of valid pixels),
-    ``area`` in ``area_unit`` (pixels x :attr:`Georef.pixel_area`; m² for a projected CRS)."""
+    ``area`` in ``area_unit`` (m² for a projected or geographic CRS): ``areas`` from :func:`class_areas`, by
+    default pixels x :attr:`Georef.pixel_area`, which only a geographic CRS must not rely on."""
+    if areas is None:
+        areas = counts * georef.pixel_area
     total = int(counts.sum())
     return [
         {
@@ -352,7 +374,7 @@ def class_statistics(counts: np.ndarray, class_names: Sequence[str], georef: Geo
             "class_name": name,
             "pixels": int(counts[class_id]),
             "fraction": int(counts[class_id]) / total if total else 0.0,
-            "area": int(counts[class_id]) * georef.pixel_area,
+            "area": float(areas[class_id]),
             "area_unit": georef.area_unit,
         }
         for class_id, name in enumerate(class_names)
@@ -377,14 +399,18 @@ def _polygons_by_class(source, georef: Georef, num_classes: int) -> dict[int, li
     return parts
 
 
-def _polygon_area(rings: list) -> float:
-    """Area of a polygon (exterior ring then holes) by the shoelace formula, in squared map units."""
+def _polygon_area(rings: list, georef: Georef) -> float:
+    """Area of a polygon (exterior ring then holes) in :attr:`Georef.area_unit`."""
     areas = []
     for ring in rings:
         xy = np.asarray(ring, dtype=np.float64)
+        if georef.is_geographic:
+            areas.append(geodesy.ring_area(xy, georef.crs))
+            continue
         x, y = xy[:, 0], xy[:, 1]
         areas.append(0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
-    return areas[0] - sum(areas[1:])
+    area = areas[0] - sum(areas[1:])
+    return area * georef.metres_per_unit**2 if georef.is_projected else area
 
 
 def _with_legend(image: Image.Image, class_names: Sequence[str], colors: Sequence[Color]) -> Image.Image:
@@ -409,6 +435,7 @@ __all__ = [
     "ProbabilityWriter",
     "atomic_path",
     "check_output_path",
+    "class_areas",
     "class_statistics",
     "count_classes",
     "default_colors",

@@ -11,7 +11,8 @@ _CONVERT_EXAMPLES = """
 Examples:
   coninfer data convert potsdam downloads/potsdam data/potsdam
   coninfer data convert LoveDA downloads/LoveDA data/LoveDA
-  coninfer data convert wbs-si downloads/WaterBodiesDatasetPreprocessed data/wbs-si
+  coninfer data convert wbs-si downloads/WaterBodiesDatasetPreprocessed \\
+      data/water_body_segmentation/WaterBodiesDatasetPreprocessed
 
 RAW_DIR layout per dataset: `coninfer data list --layout`. UDD5 and VDD are used as
 released: pass the release folder as both RAW_DIR and OUT_DIR to only check it.

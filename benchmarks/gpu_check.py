@@ -41,7 +41,8 @@ def golden_clip(golden: Path, device) -> None:
     names = {"vanilla": "vanilla", "MaskCLIP": "maskclip", "SCLIP": "sclip", "ClearCLIP": "clearclip",
              "SegEarth": "segearth"}
     for precision, dtype in DTYPES.items():
-        clip = load_clip(golden / "clip_visual_state_dict.safetensors", heads=4, device=device, dtype=dtype)
+        clip = load_clip(golden / "clip_visual_state_dict.safetensors", heads=config["heads"], device=device,
+                         dtype=dtype)
         worst, worst_cos = 0.0, 1.0
         for setting in config["settings"]:
             if setting["output_cls_token"]:
@@ -64,7 +65,8 @@ def golden_dinov3(golden: Path, device) -> None:
         x = torch.from_numpy((data["images_u8"].astype(np.float32) - 128) / 64)
         expected = torch.nn.functional.normalize(torch.from_numpy(data["x_norm_patchtokens"]), dim=-1)
         for precision, dtype in DTYPES.items():
-            vfm = load_vfm(golden / f"{name}_state_dict.safetensors", num_heads=4, device=device, dtype=dtype)
+            heads = json.loads((golden / f"{name}_config.json").read_text())["DinoVisionTransformer_kwargs"]["num_heads"]
+            vfm = load_vfm(golden / f"{name}_state_dict.safetensors", num_heads=heads, device=device, dtype=dtype)
             with torch.inference_mode():
                 features = vfm.dense_features(x.to(device, dtype)).float().cpu()
             error = (features - expected).abs().max().item()
@@ -114,9 +116,10 @@ def golden_end_to_end(golden: Path, device) -> None:
     images = np.moveaxis(data["images_u8"], 1, -1)
     size = tuple(meta["ori_shape"])
     for precision, dtype in DTYPES.items():
-        clip = load_clip(golden / "clip_visual_state_dict.safetensors", heads=4, settings=clip_settings,
+        clip_heads = json.loads((golden / "clip_config.json").read_text())["heads"]
+        clip = load_clip(golden / meta["clip_state_dict"], heads=clip_heads, settings=clip_settings,
                          device=device, dtype=dtype)
-        vfm = load_vfm(golden / "dinov3_vitl16sat_tiny_state_dict.safetensors", num_heads=4, device=device,
+        vfm = load_vfm(golden / meta["dino_state_dict"], num_heads=meta["dino_ctor_kwargs"]["num_heads"], device=device,
                        dtype=dtype)
         models = Models(clip, vfm, classes, torch.from_numpy(data["query_features"]), torch.device(device), dtype,
                         clip_normalization=unit, vfm_normalization=unit)

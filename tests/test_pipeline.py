@@ -255,9 +255,9 @@ def golden_e2e(golden_dir: Path) -> tuple[dict, dict, Models]:
         arrays = {key: data[key] for key in data.files}
     meta = json.loads(str(arrays["meta_json"]))
     clip_settings = DenseCLIPSettings(meta["model_type"], meta["ignore_residual"], meta["attn_lambda"])
-    clip = load_clip(golden_dir / meta["clip_state_dict"], heads=4, settings=clip_settings)
-    dino_config = json.loads((golden_dir / "dinov3_vitl16sat_tiny_config.json").read_text())
-    vfm = load_vfm(golden_dir / meta["dino_state_dict"], num_heads=dino_config["DinoVisionTransformer_kwargs"]["num_heads"])
+    clip_config = json.loads((golden_dir / "clip_config.json").read_text())
+    clip = load_clip(golden_dir / meta["clip_state_dict"], heads=clip_config["heads"], settings=clip_settings)
+    vfm = load_vfm(golden_dir / meta["dino_state_dict"], num_heads=meta["dino_ctor_kwargs"]["num_heads"])
     # one class per run of equal query_idx values; the synonyms of a class are separate queries
     classes = ClassList.from_names([
         ",".join(f"q{query}" for query in np.flatnonzero(arrays["query_idx"] == cls))

@@ -69,11 +69,11 @@ class TestDenseCLIPSettings:
 
 @pytest.fixture(scope="module")
 def golden(golden_dir: Path) -> tuple[DenseCLIP, dict, torch.Tensor, dict]:
-    """Golden fixture C: the visual tower (open_clip names, 4 heads), its outputs, its input, its settings."""
-    dense = load_clip(golden_dir / "clip_visual_state_dict.safetensors", heads=4)
+    """Golden fixture C: the visual tower (open_clip names; heads from its config), its outputs, input, settings."""
+    config = json.loads((golden_dir / "clip_config.json").read_text())
+    dense = load_clip(golden_dir / "clip_visual_state_dict.safetensors", heads=config["heads"])
     outputs = dict(np.load(golden_dir / "clip_dense_outputs.npz", allow_pickle=False))
     pixels = torch.from_numpy((outputs["images_u8"].astype(np.float32) - 128) / 64)
-    config = json.loads((golden_dir / "clip_config.json").read_text())
     return dense, outputs, pixels, {s["key"]: s for s in config["settings"]}
 
 

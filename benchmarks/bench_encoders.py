@@ -22,7 +22,8 @@ import torch
 def build_clip(device, dtype):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from coninfer.encoders.clip import DenseCLIP, DenseCLIPSettings
+    from coninfer.encoders.clip import DenseCLIP
+    from coninfer.settings import DenseCLIPSettings
 
     config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                               patch_size=16, image_size=224, projection_dim=512, hidden_act="quick_gelu")

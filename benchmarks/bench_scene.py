@@ -32,7 +32,7 @@ if models == "tiny":
     segmenter = Segmenter(classes, vlm="tiny-random", vfm="tiny-random", device=device)
 else:  # full-size CLIP B/16 + DINOv3 L/16 with random weights: real arithmetic, meaningless labels
     from bench_encoders import build_clip, build_dinov3
-    from coninfer.pipeline import Models
+    from coninfer.tile_step import Models
     from coninfer.prompts import ClassList
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     parsed = ClassList.parse(classes)

@@ -32,8 +32,8 @@ def _peak_gib(device) -> float:
 
 
 def golden_clip(golden: Path, device) -> None:
-    from coninfer.encoders.clip import DenseCLIPSettings
-    from coninfer.encoders.convert_clip import load_clip
+    from coninfer.encoders.load_clip import load_clip
+    from coninfer.settings import DenseCLIPSettings
 
     data = np.load(golden / "clip_dense_outputs.npz", allow_pickle=False)
     config = json.loads(str(data["config_json"]))
@@ -58,7 +58,7 @@ def golden_clip(golden: Path, device) -> None:
 
 
 def golden_dinov3(golden: Path, device) -> None:
-    from coninfer.encoders.convert_dinov3 import load_vfm
+    from coninfer.encoders.load_vfm import load_vfm
 
     for name in ("dinov3_vitl16sat_tiny", "dinov3_vith16plus_tiny"):
         data = np.load(golden / f"{name}_outputs.npz", allow_pickle=False)
@@ -96,11 +96,11 @@ def golden_solver(golden: Path, device) -> None:
 
 
 def golden_end_to_end(golden: Path, device) -> None:
-    from coninfer.encoders.clip import DenseCLIPSettings
-    from coninfer.encoders.convert_clip import load_clip
-    from coninfer.encoders.convert_dinov3 import load_vfm
-    from coninfer.pipeline import InferenceSettings, Models, infer_tiles
+    from coninfer.encoders.load_clip import load_clip
+    from coninfer.encoders.load_vfm import load_vfm
     from coninfer.prompts import ClassList
+    from coninfer.settings import DenseCLIPSettings, InferenceSettings
+    from coninfer.tile_step import Models, infer_tiles
 
     data = np.load(golden / "e2e_case1.npz", allow_pickle=False)
     meta = json.loads(str(data["meta_json"]))
@@ -110,8 +110,8 @@ def golden_end_to_end(golden: Path, device) -> None:
     query_idx = data["query_idx"].tolist()
     lines = [",".join(f"q{q}" for q, c in enumerate(query_idx) if c == cls) for cls in range(max(query_idx) + 1)]
     classes = ClassList.from_names(lines)
-    settings = InferenceSettings(temperature=meta["gmm_temp"], logit_scale=meta["logit_scale"],
-                                 prob_thd=meta["prob_thd"], bg_idx=meta["bg_idx"])
+    settings = InferenceSettings().with_values(temperature=meta["gmm_temp"], logit_scale=meta["logit_scale"],
+                                 prob_thd=meta["prob_thd"], bg_index=meta["bg_idx"])
     unit = ((128 / 255,) * 3, (64 / 255,) * 3)
     images = np.moveaxis(data["images_u8"], 1, -1)
     size = tuple(meta["ori_shape"])
@@ -135,8 +135,9 @@ def throughput(device, batch: int) -> None:
 
     from coninfer.encoders.clip import DenseCLIP
     from coninfer.encoders.dinov3 import SAT493M, DenseVFM
-    from coninfer.pipeline import InferenceSettings, Models, infer_tiles
     from coninfer.prompts import ClassList
+    from coninfer.settings import InferenceSettings
+    from coninfer.tile_step import Models, infer_tiles
 
     clip_config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                    num_attention_heads=12, patch_size=16, image_size=224, projection_dim=512,
@@ -153,7 +154,7 @@ def throughput(device, batch: int) -> None:
         queries = torch.nn.functional.normalize(torch.randn(len(classes.queries), 512), dim=-1)
         models = Models(clip, vfm, classes, queries, torch.device(device), dtype)
         for method in ("baseline", "coninfer"):
-            settings = InferenceSettings(method=method)
+            settings = InferenceSettings().with_values(method=method)
             infer_tiles(models, images[:4], settings)
             _sync(device)
             start = time.perf_counter()

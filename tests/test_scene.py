@@ -20,16 +20,17 @@ from rasterio.errors import RasterioIOError
 
 import scenes
 from coninfer.errors import InputError, InputFileError, OutputError, ResourceError
-from coninfer.pipeline import InferenceSettings, Models, encode_tiles, load_models
 from coninfer.postprocess import class_probabilities, patches_to_grid
 from coninfer.prompts import ClassList
 from coninfer.raster import read
 from coninfer.scene import SceneOptions, Segmenter, check_outputs
+from coninfer.settings import InferenceSettings
 from coninfer.solver import refine
 from coninfer.store import TileFile, TileStore, locked_folder
+from coninfer.tile_step import Models, encode_tiles, load_models
 
 TILE = 32
-SETTINGS = InferenceSettings(model_res=32)  # 2 x 2 patches per tile
+SETTINGS = InferenceSettings().with_values(model_res=32)  # 2 x 2 patches per tile
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +64,7 @@ class TestSceneOptions:
         ({"solver_chunk_tiles": 0}, "solver_chunk_tiles"),
     ])  # fmt: skip
     def test_invalid_field_is_named(self, kwargs: dict, field: str) -> None:
-        with pytest.raises(InputError, match=field):
+        with pytest.raises(InputError, match=field.replace("_", "-")):
             SceneOptions(**{"tile_size": 32, **kwargs})
 
 
@@ -155,13 +156,13 @@ class TestContexts:
         tiles = _tiles_of(image, TILE)
         parts = [encode_tiles(models, tiles[i : i + self.BATCH], SETTINGS) for i in range(0, len(tiles), self.BATCH)]
         logits, features = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).half()
-        z = torch.softmax(SETTINGS.prior_scale * logits, dim=-1)  # (T, P, K)
+        z = torch.softmax(SETTINGS.solver.prior_scale * logits, dim=-1)  # (T, P, K)
         for context in contexts or []:
             num_queries = logits.shape[-1]
             z[context] = refine(logits[context].reshape(-1, num_queries),
                                 features[context].reshape(-1, features.shape[-1])).reshape(len(context), -1, num_queries)
         probs = class_probabilities(patches_to_grid(z.reshape(-1, z.shape[-1]), 2, 2), (TILE, TILE),
-                                    models.classes.query_to_class, SETTINGS.logit_scale)  # (T, C, tile, tile)
+                                    models.classes.query_to_class, SETTINGS.post.logit_scale)  # (T, C, tile, tile)
         classes = probs.shape[1]
         # (rows*cols, C, tile, tile) -> (rows, cols, C, tile, tile) -> (C, rows, tile, cols, tile) -> (C, H, W)
         grid = probs.reshape(self.ROWS, self.COLS, classes, TILE, TILE).permute(2, 0, 3, 1, 4)
@@ -188,7 +189,7 @@ class TestContexts:
     def test_none_context_is_the_baseline(self, models: Models, image: np.ndarray) -> None:
         options = SceneOptions(tile_size=TILE, context="none")
         prior = Segmenter.from_models(models, SETTINGS).segment_array(image, options)
-        baseline = Segmenter.from_models(models, InferenceSettings(model_res=32, method="baseline"))
+        baseline = Segmenter.from_models(models, InferenceSettings().with_values(model_res=32, method="baseline"))
         np.testing.assert_array_equal(baseline.segment_array(image, SceneOptions(tile_size=TILE))[1], prior[1])
 
     def test_a_sliver_context_keeps_the_prior(self, segmenter: Segmenter, caplog: pytest.LogCaptureFixture) -> None:
@@ -448,8 +449,8 @@ class TestWorkdir:
 
 class TestSegmenterChecks:
     def test_background_class_out_of_range(self, models: Models) -> None:
-        with pytest.raises(InputError, match="bg_idx 4 is not a class index"):
-            Segmenter.from_models(models, InferenceSettings(model_res=32, prob_thd=0.5, bg_idx=4))
+        with pytest.raises(InputError, match="bg_index 4 is not a class index"):
+            Segmenter.from_models(models, InferenceSettings().with_values(model_res=32, prob_thd=0.5, bg_index=4))
 
     def test_too_many_classes(self) -> None:
         names = ";".join(f"class {i}" for i in range(256))

@@ -16,6 +16,7 @@ Three passes over a scene, each bounded in memory by a tile batch or a band of t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -26,57 +27,24 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from coninfer.errors import InputError, InputFileError, OutputError, ResourceError
-from coninfer.pipeline import InferenceSettings, Models, encode_tiles, load_models
 from coninfer.postprocess import class_probabilities, patches_to_grid
 from coninfer.prompts import ClassList, default_cache_dir
 from coninfer.raster import read, write
 from coninfer.raster.tiles import NODATA_LABEL, BandStitcher, TileGrid
+from coninfer.settings import DenseCLIPSettings, InferenceSettings, SceneOptions
 from coninfer.solver import assign, fit_context
 from coninfer.store import STORE_VERSION, TileStore, clear_folder, locked_folder
+from coninfer.tile_step import Models, encode_tiles, load_models
 
 logger = logging.getLogger(__name__)
-
-Context = Literal["scene", "batch", "none"]
-
-
-@dataclass(frozen=True)
-class SceneOptions:
-    """How a scene is cut and which context the solver sees.
-
-    ``tile_size`` is in source pixels; each tile is resized to the model resolution. The default 448 keeps the
-    source ground sampling distance (448 px -> 448 model px), as the paper's 448² crops of 0.1-1 m imagery do;
-    use a larger tile for very fine imagery (e.g. 896 at 0.1 m) so that a patch still covers a few metres.
-    ``overlap`` (source px) is blended linearly so tiles leave no seams.
-    """
-
-    tile_size: int = 448
-    overlap: int = 0
-    context: Context = "scene"
-    context_size: int = 50
-    batch_size: int = 8
-    solver_chunk_tiles: int = 64
-
-    def __post_init__(self) -> None:
-        if self.tile_size < 16:
-            raise InputError(f"tile_size must be >= 16 px, got {self.tile_size}")
-        if not 0 <= self.overlap < self.tile_size // 2:
-            raise InputError(f"overlap must be in 0..{self.tile_size // 2 - 1} px, got {self.overlap}",
-                             hint="use an overlap smaller than half the tile size")
-        if self.context not in ("scene", "batch", "none"):
-            raise InputError(f"context must be scene, batch or none, got {self.context!r}")
-        for name in ("context_size", "batch_size", "solver_chunk_tiles"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1 tile, got {getattr(self, name)}")
-
 
 GDAL_CACHE_MB = 256
 """GDAL's block cache during a run (its default is 5% of RAM, which a scene-sized class map would fill)."""
@@ -109,19 +77,17 @@ class Segmenter:
                  vfm: str = "dinov3-l16-sat", device: str = "auto", precision: str = "auto",
                  settings: InferenceSettings = InferenceSettings(), clip_variant: str | None = None,
                  attn_lambda: float | None = None, cache_dir: str | Path | None = None) -> None:
-        from coninfer.encoders.clip import DenseCLIPSettings
-
         classes = _as_class_list(classes)
         _check_classes(classes, settings)
-        clip_settings = DenseCLIPSettings.for_variant(clip_variant) if clip_variant else DenseCLIPSettings()
-        if attn_lambda is not None:
-            clip_settings = DenseCLIPSettings(clip_settings.variant, clip_settings.ignore_residual, attn_lambda)
-        needs_vfm = settings.method == "coninfer" and settings.vfm_features == "vfm"
+        if clip_variant or attn_lambda is not None:
+            settings = dataclasses.replace(settings, clip=DenseCLIPSettings.for_variant(
+                clip_variant or settings.clip.variant, attn_lambda=attn_lambda))
+        needs_vfm = settings.needs_vfm
         self.models = load_models(classes, vlm=vlm, vfm=vfm if needs_vfm else None, device=device,
-                                  precision=precision, clip_settings=clip_settings, cache_dir=cache_dir)
+                                  precision=precision, clip_settings=settings.clip, cache_dir=cache_dir)
         self.models.grid_size(settings.model_res)  # a model_res the patch size does not divide fails now
         self.settings = settings
-        self.model_names = {"vlm": vlm, "vfm": vfm if needs_vfm else None, "clip_settings": asdict(clip_settings)}
+        self.model_names = {"vlm": vlm, "vfm": vfm if needs_vfm else None, "clip_settings": asdict(settings.clip)}
 
     @classmethod
     def from_models(cls, models: Models, settings: InferenceSettings = InferenceSettings(),
@@ -315,11 +281,11 @@ class Segmenter:
         size = len(tiles) if options.context == "scene" else options.context_size
         for context in _groups(tiles, size):
             valid_patches = sum(int(np.asarray(store.valid[group]).sum()) for group in _groups(context, chunk_tiles))
-            if valid_patches < self.settings.init_topk:
+            if valid_patches < self.settings.solver.init_topk:
                 # the mixture needs init_topk patches to start from; a sliver of data keeps its prior instead
                 logger.warning("%d tile(s) (%s) hold %d valid patches, fewer than init_topk=%d: they keep the "
                                "CLIP prior", len(context), _tile_range(context), valid_patches,
-                               self.settings.init_topk)
+                               self.settings.solver.init_topk)
                 self._keep_prior(store, context, chunk_tiles)
             else:
                 self._solve_context(store, context, chunk_tiles)
@@ -328,12 +294,12 @@ class Segmenter:
         """z = softmax(prior_scale * logits) for ``tiles`` (the ``none`` context and the baseline method)."""
         for group in _groups(tiles, chunk_tiles):
             logits = torch.from_numpy(np.asarray(store.logits[group]))
-            store.z[group] = torch.softmax(self.settings.prior_scale * logits, -1).numpy()
+            store.z[group] = torch.softmax(self.settings.solver.prior_scale * logits, -1).numpy()
 
     def _solve_context(self, store: TileStore, tiles: list[int], chunk_tiles: int) -> None:
         """One mixture over ``tiles`` (at least init_topk valid patches), streamed from the store in chunks; z
         written back to the store."""
-        solver_settings = self.settings.solver_settings()
+        solver_settings = self.settings.solver
         device = self.models.device
 
         def fit_chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -361,14 +327,14 @@ class Segmenter:
         num_classes = len(self.class_names)
         stitcher = BandStitcher(grid, num_classes)
         bar = tqdm(total=len(grid), unit="tile", disable=not progress, desc="stitch", dynamic_ncols=True)
-        thresholds = {"prob_thd": self.settings.prob_thd, "bg_index": self.settings.bg_idx}
+        thresholds = {"prob_thd": self.settings.post.prob_thd, "bg_index": self.settings.post.bg_index}
         with scene.open() as src:
             for index in range(len(grid)):
                 probs = valid = None
                 if index not in empty:
                     z = torch.from_numpy(store.z[index]).to(self.models.device)  # (P, K)
                     probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
-                                                self.models.classes.query_to_class, self.settings.logit_scale)
+                                                self.models.classes.query_to_class, self.settings.post.logit_scale)
                     probs = probs[0].cpu().numpy()
                     _, valid = _read_tile(scene, grid.window(index), src)
                 yield from stitcher.add(index, probs, valid, **thresholds)
@@ -485,8 +451,8 @@ def _check_classes(classes: ClassList, settings: InferenceSettings) -> None:
     if count > NODATA_LABEL:
         raise InputError(f"{count} classes, at most {NODATA_LABEL} fit a uint8 class map ({NODATA_LABEL} is nodata)",
                          hint="merge classes as synonyms (a,b) or split the run")
-    if settings.bg_idx >= count:
-        raise InputError(f"bg_idx {settings.bg_idx} is not a class index (0..{count - 1})",
+    if settings.post.bg_index >= count:
+        raise InputError(f"bg_index {settings.post.bg_index} is not a class index (0..{count - 1})",
                          hint="give the background class's position in the class list")
 
 

@@ -36,8 +36,7 @@ points take ``reduce`` and ``gather`` hooks so that several processes can fit on
 
 from __future__ import annotations
 
-import math
-import numbers
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from coninfer.errors import InputError
+from coninfer.settings import SolverSettings
 
 Chunk = tuple[torch.Tensor, torch.Tensor]
 ChunkSource = Callable[[], Iterable[Chunk]]
@@ -63,38 +63,6 @@ def _no_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 def _no_gather(candidates: TopKCandidates) -> TopKCandidates:
     return candidates
-
-
-@dataclass(frozen=True)
-class SolverSettings:
-    """Hyperparameters of the solver (defaults: ConInfer base config).
-
-    ``block_rows`` only sets speed and memory (float32 temporaries of ``block_rows x D``); results do not depend
-    on it beyond float rounding. ``None`` picks 2048 on the CPU (a block stays in cache between its two matrix
-    products) and 65536 elsewhere (fewer, larger kernels: 4x faster than 2048 on an H200 at N=39200, D=1024).
-    """
-
-    temperature: float = 50.0
-    iterations: int = 10
-    prior_scale: float = 100.0
-    init_topk: int = 8
-    block_rows: int | None = None
-
-    def __post_init__(self) -> None:
-        # numbers.Real / numbers.Integral also cover numpy scalars (e.g. a value read from an .npz); they are
-        # stored as Python numbers.
-        for name in ("temperature", "prior_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-                raise InputError(f"{name} must be a finite number > 0, got {value!r}", hint=f"pass a positive {name}")
-            object.__setattr__(self, name, float(value))
-        for name, minimum in (("iterations", 0), ("init_topk", 1), ("block_rows", 1)):
-            value = getattr(self, name)
-            if name == "block_rows" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-                raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}", hint=f"fix {name}")
-            object.__setattr__(self, name, int(value))
 
 
 @dataclass(frozen=True)
@@ -540,21 +508,24 @@ def _refine(logits: Any, features: Any, settings: SolverSettings, record_history
 def refine(
     logits: np.ndarray | torch.Tensor,
     features: np.ndarray | torch.Tensor,
-    *,
-    temperature: float = 50.0,
-    iterations: int = 10,
-    prior_scale: float = 100.0,
-    init_topk: int = 8,
+    settings: SolverSettings | None = None,
+    **values: Any,
 ) -> np.ndarray | torch.Tensor:
     """Refine a per-patch prior with the context solver; returns z (N, K) float32.
 
     ``logits`` (N, K): cosine similarities patch/query; ``features`` (N, D): L2-normalised patch features (used
     as they are, float16/bfloat16 accepted, maths in float32). numpy in, numpy out; torch in, torch out on the
-    inputs' device. Raises :class:`~coninfer.errors.InputError` for bad shapes, values or settings.
+    inputs' device. ``settings`` (default :class:`~coninfer.settings.SolverSettings`), with any of its fields
+    overridden by keyword (``refine(L, F, temperature=20)``). Raises :class:`~coninfer.errors.InputError` for bad
+    shapes, values or settings.
     """
-    settings = SolverSettings(
-        temperature=temperature, iterations=iterations, prior_scale=prior_scale, init_topk=init_topk
-    )
+    settings = settings if settings is not None else SolverSettings()
+    if values:
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(SolverSettings)})
+        if unknown:
+            raise InputError(f"refine() got unknown solver settings {unknown}",
+                             hint="use temperature, iterations, prior_scale, init_topk, free_temperature, block_rows")
+        settings = dataclasses.replace(settings, **values)
     return _refine(logits, features, settings, record_history=False).z
 
 

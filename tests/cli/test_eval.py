@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,12 @@ from PIL import Image
 
 import coninfer.encoders.clip as clip_module
 import coninfer.encoders.presets as presets
-import coninfer.pipeline as pipeline
+import coninfer.tile_step as pipeline
 from coninfer.cli import main
 from coninfer.cli.eval import _VFM_PRESETS, _clip_settings
-from coninfer.encoders.clip import DenseCLIPSettings, build_tiny_clip
+from coninfer.encoders.clip import build_tiny_clip
 from coninfer.evaluate import dataset_names, load_dataset_spec
+from coninfer.settings import DenseCLIPSettings
 
 TINY = ["--vlm", "tiny-random", "--vfm", "tiny-random", "-q"]
 
@@ -108,8 +110,8 @@ class TestEvalOneDataset:
         settings = entry["settings"]
         assert (settings["vlm"], settings["vfm"], settings["context_size"], settings["limit"]) == (
             "tiny-random", "tiny-random", 1, None)
-        assert settings["clip"] == {"variant": "segearth", "ignore_residual": True, "attn_lambda": 0.6}
-        assert settings["inference"]["method"] == "coninfer" and settings["inference"]["vfm_features"] == "vfm"
+        assert settings["clip"] == asdict(DenseCLIPSettings("segearth", True, 0.6))
+        assert settings["inference"]["method"] == "coninfer" and settings["inference"]["features"] == "vfm"
         # the table: ours, the paper's value and the difference in the Potsdam column of Table 1
         table = result.stdout
         assert "Table 1" in table and "Table 3" not in table
@@ -178,8 +180,8 @@ class TestEvalOneDataset:
                      "--state-dir", str(tmp_path / "state"))
         assert result.exit_code == 0, result.output
         [entry] = json.loads(output.read_text())
-        assert entry["settings"]["clip"] == {"variant": "clearclip", "ignore_residual": True, "attn_lambda": 0.3}
-        assert entry["settings"]["inference"]["vfm_features"] == "clip" and entry["settings"]["vfm"] is None
+        assert entry["settings"]["clip"] == asdict(DenseCLIPSettings("clearclip", True, 0.3))
+        assert entry["settings"]["inference"]["features"] == "clip" and entry["settings"]["vfm"] is None
 
 
 class TestEvalAll:

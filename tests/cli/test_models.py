@@ -9,10 +9,11 @@ from safetensors.torch import save_file
 
 from coninfer.cli import main
 from coninfer.encoders import presets
-from coninfer.encoders.clip import DenseCLIPSettings, build_tiny_clip
-from coninfer.encoders.convert_clip import to_open_clip_state_dict
-from coninfer.encoders.convert_dinov3 import CONINFER_JSON, export_meta_state_dict
+from coninfer.encoders.clip import build_tiny_clip
 from coninfer.encoders.dinov3 import build_tiny_dinov3
+from coninfer.encoders.load_clip import to_open_clip_state_dict
+from coninfer.encoders.load_vfm import CONINFER_JSON, export_meta_state_dict
+from coninfer.settings import DenseCLIPSettings
 
 TEXTS = ["a photo of a building.", "an aerial view of a road"]
 

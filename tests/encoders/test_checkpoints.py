@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from coninfer.encoders.checkpoints import load_state_dict
 from coninfer.encoders.clip import build_tiny_clip
-from coninfer.encoders.convert_clip import load_clip, to_open_clip_state_dict
+from coninfer.encoders.load_clip import load_clip, to_open_clip_state_dict
 from coninfer.errors import CheckpointFormatError
 
 

@@ -14,17 +14,16 @@ from transformers import CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithPro
 from coninfer.encoders.clip import (
     CLIP_MEAN,
     CLIP_STD,
-    VARIANTS,
     DenseCLIP,
-    DenseCLIPSettings,
     _reference_dense_tokens,
     build_tiny_clip,
     check_tokenizer,
     interpolate_position_embedding,
 )
-from coninfer.encoders.convert_clip import load_clip, to_open_clip_state_dict
+from coninfer.encoders.load_clip import load_clip, to_open_clip_state_dict
 from coninfer.errors import InputError, ModelLoadError
 from coninfer.prompts import load_templates
+from coninfer.settings import VARIANTS, DenseCLIPSettings
 
 GOLDEN_KEYS = [
     "vanilla_res", "maskclip_res", "maskclip_nores", "sclip_res", "clearclip_nores", "segearth_nores_l0",

@@ -1,4 +1,4 @@
-"""DenseVFM: dense patch features of DINOv3/DINOv2 (tiny random models; golden parity is in test_convert_dinov3)."""
+"""DenseVFM: dense patch features of DINOv3/DINOv2 (tiny random models; golden parity is in test_load_vfm)."""
 
 from __future__ import annotations
 

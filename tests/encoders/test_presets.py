@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import coninfer.encoders.convert_clip as convert_clip
-import coninfer.encoders.convert_dinov3 as convert_dinov3
+import coninfer.encoders.load_clip as load_clip
+import coninfer.encoders.load_vfm as load_vfm
 from coninfer.encoders import presets
 from coninfer.encoders.checkpoints import hub_errors
 from coninfer.encoders.clip import DenseCLIP
@@ -55,10 +55,10 @@ class TestRegistry:
 
     def test_sources_fit_their_loaders(self):
         for preset in PRESETS.values():
-            if preset.format == "timm":  # convert_dinov3 fetches model.safetensors + config.json of a timm repo
+            if preset.format == "timm":  # load_vfm fetches model.safetensors + config.json of a timm repo
                 assert preset.source.startswith("timm/") and preset.filename == "model.safetensors"
             elif preset.format == "open_clip":  # one checkpoint file that load_clip reads
-                assert preset.filename.endswith(convert_clip.CHECKPOINT_SUFFIXES)
+                assert preset.filename.endswith(load_clip.CHECKPOINT_SUFFIXES)
             elif preset.format == "transformers":
                 assert preset.filename is None and preset.source.count("/") == 1
             assert preset.format != "meta"  # Meta's .pth files are not on the hub
@@ -112,22 +112,22 @@ class TestTinyModels:
 
 class TestLoaderRouting:
     def test_timm_preset_loads_the_repo_as_timm(self, monkeypatch):
-        calls = record(monkeypatch, convert_dinov3, "load_vfm")
+        calls = record(monkeypatch, load_vfm, "load_vfm")
         presets.load_vfm("dinov3-h16plus-lvd")
         assert calls == [("timm/vit_huge_plus_patch16_dinov3.lvd1689m",
                           {"device": "cpu", "dtype": None, "format": "timm"})]
 
     def test_open_clip_preset_downloads_one_file(self, monkeypatch, hub_calls, tmp_path):
-        calls = record(monkeypatch, convert_clip, "load_clip")
+        calls = record(monkeypatch, load_clip, "load_clip")
         presets.load_vlm("remoteclip-b32")
         assert calls == [(tmp_path / "chendelong/RemoteCLIP/RemoteCLIP-ViT-B-32.pt",
                           {"device": "cpu", "dtype": None, "activation": "gelu"})]
         assert hub_calls[0] == ("file", "chendelong/RemoteCLIP", "RemoteCLIP-ViT-B-32.pt")
-        assert hub_calls[1][:2] == ("snapshot", convert_clip.DEFAULT_TOKENIZER)  # for offline use later
+        assert hub_calls[1][:2] == ("snapshot", load_clip.DEFAULT_TOKENIZER)  # for offline use later
 
     def test_transformers_presets_load_the_repo_id(self, monkeypatch):
-        clip_calls = record(monkeypatch, convert_clip, "load_clip")
-        vfm_calls = record(monkeypatch, convert_dinov3, "load_vfm")
+        clip_calls = record(monkeypatch, load_clip, "load_clip")
+        vfm_calls = record(monkeypatch, load_vfm, "load_vfm")
         presets.load_vlm("clip-b16", activation="gelu")
         presets.load_vfm("dinov2-l14")
         assert clip_calls == [("openai/clip-vit-base-patch16", {"device": "cpu", "dtype": None, "activation": "gelu"})]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -157,7 +158,7 @@ class EncoderCache:
     that `eval all` loads each model once while holding one set of weights in memory."""
 
     def __init__(self, device: str, precision: str) -> None:
-        from coninfer.pipeline import resolve_device, resolve_dtype
+        from coninfer.tile_step import resolve_device, resolve_dtype
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(precision, self.device)
@@ -183,23 +184,23 @@ def evaluate_one(spec, data_root: Path, encoders: EncoderCache, run: RunOptions)
     the same command resumes it and a run with other settings starts its own.
     """
     from coninfer.evaluate import evaluate_dataset, list_samples
-    from coninfer.pipeline import InferenceSettings, Models, infer_tiles
     from coninfer.prompts import ClassList
+    from coninfer.settings import InferenceSettings
+    from coninfer.tile_step import Models, infer_tiles
 
     config = spec.coninfer
     clip_settings = _clip_settings(config.attn_lambda, run.vlm_variant, run.attn_lambda)
     vfm_source = (run.vfm or _VFM_PRESETS[config.vfm]) if run.needs_vfm else None
-    settings = InferenceSettings(
-        method=run.method, temperature=config.gmm_temp, logit_scale=config.logit_scale, bg_idx=config.bg_idx,
+    settings = InferenceSettings(clip=clip_settings).with_values(
+        method=run.method, temperature=config.gmm_temp, logit_scale=config.logit_scale, bg_index=config.bg_idx,
         prob_thd=config.baseline_prob_thd if run.method == "baseline" else config.prob_thd,
-        vfm_features=run.vfm_features)
+        features=run.vfm_features)
     classes = ClassList.from_names(list(spec.class_lines))
     models: list[Models] = []  # built on the first batch
 
     def predict_batch(images):
         if not models:
             clip, vfm_model = encoders.get(run.vlm, vfm_source)
-            clip.settings = clip_settings  # the encoders are shared between datasets; each has its own λ
             # the reference code feeds every DINOv3 the SAT-493M statistics, also the LVD ViT-H+ (UAVid, VDD)
             models.append(Models(clip, vfm_model, classes, clip.encode_queries(list(classes.queries)),
                                  encoders.device, encoders.dtype,
@@ -221,9 +222,9 @@ def evaluate_one(spec, data_root: Path, encoders: EncoderCache, run: RunOptions)
 
 def _clip_settings(dataset_lambda: float, variant: str | None, attn_lambda: float | None):
     """The dataset's SegEarth settings, or a Table-2 variant's; ``attn_lambda`` overrides either λ."""
-    from coninfer.encoders.clip import DenseCLIPSettings
+    from coninfer.settings import DenseCLIPSettings
 
     base = DenseCLIPSettings.for_variant(variant) if variant else DenseCLIPSettings("segearth", True, dataset_lambda)
     if attn_lambda is None:
         return base
-    return DenseCLIPSettings(base.variant, base.ignore_residual, attn_lambda)
+    return dataclasses.replace(base, attn_lambda=attn_lambda)

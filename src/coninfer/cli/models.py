@@ -77,13 +77,13 @@ def convert(source: str, output: Path, role: str, heads: int | None, text_heads:
 
     _check_output_folder(output, overwrite)
     if role == "vlm":
-        from coninfer.encoders.convert_clip import save_clip_transformers
+        from coninfer.encoders.load_clip import save_clip_transformers
 
         model = presets.load_vlm(source, heads=heads, text_heads=text_heads, activation=activation,
                                  tokenizer=tokenizer)
         _write_folder(output, lambda folder: save_clip_transformers(model, folder))
     else:
-        from coninfer.encoders.convert_dinov3 import save_vfm_transformers
+        from coninfer.encoders.load_vfm import save_vfm_transformers
 
         clip_only = [name for name, value in (("--text-heads", text_heads), ("--activation", activation),
                                               ("--tokenizer", tokenizer)) if value is not None]

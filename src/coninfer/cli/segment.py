@@ -66,10 +66,10 @@ def segment(input_path: Path, output: Path, classes_text: str | None, classes_fi
             device: str, precision: str, batch_size: int, workdir: Path | None, resume: bool, overwrite: bool,
             quiet: bool) -> None:
     """Segment INPUT (GeoTIFF, PNG or JPEG) into a class map with ConInfer."""
-    from coninfer.pipeline import InferenceSettings
     from coninfer.prompts import ClassList
     from coninfer.raster import read
     from coninfer.scene import SceneOptions, Segmenter, check_outputs
+    from coninfer.settings import InferenceSettings
 
     if (classes_text is None) == (classes_file is None):
         raise InputError("give exactly one of --classes and --classes-file",
@@ -82,8 +82,8 @@ def segment(input_path: Path, output: Path, classes_text: str | None, classes_fi
                            batch_size=batch_size)
     if context == "none":
         method = "baseline"  # the prior alone: the VFM would be loaded and run for nothing
-    settings = InferenceSettings(model_res=model_res, method=method, temperature=temperature,
-                                 prob_thd=prob_thd, bg_idx=bg_class)
+    settings = InferenceSettings().with_values(model_res=model_res, method=method, temperature=temperature,
+                                 prob_thd=prob_thd, bg_index=bg_class)
     # fail on bad inputs/outputs before loading any model
     check_outputs(input_path, output, probabilities=probabilities, vector=vector, preview=preview, report=report,
                   overwrite=overwrite)

@@ -2,7 +2,7 @@
 
 Only tensors are ever loaded: safetensors, or ``torch.load(weights_only=True)``. A pickle that needs to run
 code to unpickle is refused. Hub errors (gated repository, no network) become one-line errors that say what
-to do. Format-specific key conversion lives next to each model (``convert_clip.py``, ``convert_dinov3.py``).
+to do. Format-specific key conversion lives next to each model (``load_clip.py``, ``load_vfm.py``).
 """
 
 from __future__ import annotations

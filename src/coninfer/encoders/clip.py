@@ -22,7 +22,6 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,12 +30,12 @@ from torch import nn
 
 from coninfer.errors import InputError, ModelLoadError
 from coninfer.prompts import embed_queries, load_templates
+from coninfer.settings import DenseCLIPSettings
 
 logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-VARIANTS = ("vanilla", "maskclip", "sclip", "clearclip", "segearth")
 MID_BLOCKS = (1, 4, 7, 10)  # 0-based blocks whose attention maps form R (blocks 2, 5, 8, 11 in the paper)
 FUSION_SCALE = 3.0  # the official code rescales the fused map by 3, whatever the variant
 
@@ -44,47 +43,6 @@ FUSION_SCALE = 3.0  # the official code rescales the fused map by 3, whatever th
 _TEXT_SWITCHES = ("hidden_act", "num_attention_heads", "layer_norm_eps", "max_position_embeddings", "eos_token_id")
 _TOKENIZER_PROBE = "a photo of a building, a road and 2 cars."
 _FINGERPRINT_VALUES = 4096  # values sampled per text weight for the cache key
-
-_VARIANT_TABLE = {  # paper Table 2 / ConInfer configs: (ignore_residual, attn_lambda)
-    "vanilla": (False, 0.0),
-    "maskclip": (False, 0.0),
-    "sclip": (False, 0.0),
-    "clearclip": (True, 0.0),
-    "segearth": (True, 0.6),
-}
-
-
-@dataclass(frozen=True)
-class DenseCLIPSettings:
-    """How the last ViT block is rewired. Defaults = ConInfer's base config (SegEarth, no residual, λ = 0.6)."""
-
-    variant: str = "segearth"
-    ignore_residual: bool = True
-    attn_lambda: float = 0.6
-
-    def __post_init__(self) -> None:
-        variant = str(self.variant).lower()
-        if variant not in VARIANTS:
-            raise InputError(f"variant: unknown dense-CLIP variant {self.variant!r}",
-                             hint=f"choose one of {', '.join(VARIANTS)}")
-        object.__setattr__(self, "variant", variant)
-        if not isinstance(self.ignore_residual, bool):
-            raise InputError(f"ignore_residual: expected a bool, got {self.ignore_residual!r}",
-                             hint="pass True or False")
-        if not math.isfinite(float(self.attn_lambda)) or not 0.0 <= float(self.attn_lambda) <= 1.0:
-            raise InputError(f"attn_lambda: {self.attn_lambda!r} is not in [0, 1]",
-                             hint="the paper uses 0.6 (0.1 for UAVid, Vaihingen, UDD5, VDD)")
-        object.__setattr__(self, "attn_lambda", float(self.attn_lambda))
-
-    @classmethod
-    def for_variant(cls, name: str) -> DenseCLIPSettings:
-        """The configuration the paper's Table 2 uses for ``name`` (see ``_VARIANT_TABLE``)."""
-        key = str(name).lower()
-        if key not in _VARIANT_TABLE:
-            raise InputError(f"variant: unknown dense-CLIP variant {name!r}", hint=f"choose one of {', '.join(VARIANTS)}")
-        ignore_residual, attn_lambda = _VARIANT_TABLE[key]
-        return cls(variant=key, ignore_residual=ignore_residual, attn_lambda=attn_lambda)
-
 
 def check_tokenizer(tokenizer, source: str) -> None:
     """Raise :class:`ModelLoadError` if ``tokenizer`` cannot be a working CLIP BPE tokenizer.

@@ -3,7 +3,7 @@
 ConInfer clusters the final-normed DINOv3 patch tokens of every tile, L2-normalised per token. :class:`DenseVFM`
 wraps a transformers ``DINOv3ViTModel`` (or ``Dinov2Model`` / ``Dinov2WithRegistersModel``) and exposes exactly
 that, together with the pixel normalisation the weights were trained with. Checkpoint conversion from Meta's and
-timm's formats lives in ``convert_dinov3.py``.
+timm's formats lives in ``load_vfm.py``.
 
 Token layout of both model families: ``[cls, registers x R, patches (row-major over the h x w grid)]``.
 """

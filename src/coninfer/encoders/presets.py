@@ -136,7 +136,7 @@ def download(name: str) -> Path:
         raise InputError(f"{name} is built in and needs no download",
                          hint=f"use it directly, e.g. --{preset.role} {name}")
     if preset.format == "open_clip":
-        from coninfer.encoders.convert_clip import DEFAULT_TOKENIZER
+        from coninfer.encoders.load_clip import DEFAULT_TOKENIZER
 
         checkpoint = hub_download(preset.source, preset.filename)
         hub_snapshot(DEFAULT_TOKENIZER, allow_patterns=_TOKENIZER_FILES)  # open_clip files carry no tokenizer
@@ -153,13 +153,14 @@ def download(name: str) -> Path:
 def load_vlm(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              **clip_options):
     """A DenseCLIP from a preset name, a local file/folder, or a hub id (``owner/name`` or
-    ``owner/name/file.pt``). ``clip_options`` go to :func:`coninfer.encoders.convert_clip.load_clip`.
+    ``owner/name/file.pt``). ``clip_options`` go to :func:`coninfer.encoders.load_clip.load_clip`.
 
     Raises:
         ModelLoadError: not a preset, an existing path nor a hub id; not downloadable; not a CLIP checkpoint.
     """
-    from coninfer.encoders.clip import DenseCLIPSettings, build_tiny_clip
-    from coninfer.encoders.convert_clip import load_clip
+    from coninfer.encoders.clip import build_tiny_clip
+    from coninfer.encoders.load_clip import load_clip
+    from coninfer.settings import DenseCLIPSettings
 
     if not is_preset(name_or_path, "vlm"):
         _check_source(name_or_path, "vlm")
@@ -180,13 +181,13 @@ def load_vlm(name_or_path: str, *, device: str | torch.device = "cpu", dtype: to
 def load_vfm(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              **vfm_options):
     """A DenseVFM from a preset name, a local file/folder, or a hub id. ``vfm_options`` go to
-    :func:`coninfer.encoders.convert_dinov3.load_vfm`.
+    :func:`coninfer.encoders.load_vfm.load_vfm`.
 
     Raises:
         ModelLoadError: not a preset, an existing path nor a hub id; not downloadable; not a DINOv3/v2 checkpoint.
     """
-    from coninfer.encoders.convert_dinov3 import load_vfm as load_vfm_source
     from coninfer.encoders.dinov3 import build_tiny_dinov3
+    from coninfer.encoders.load_vfm import load_vfm as load_vfm_source
 
     if not is_preset(name_or_path, "vfm"):
         _check_source(name_or_path, "vfm")

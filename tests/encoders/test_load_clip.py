@@ -1,4 +1,4 @@
-"""Tests of coninfer.encoders.convert_clip: checkpoint formats, round trips, clear errors."""
+"""Tests of coninfer.encoders.load_clip: checkpoint formats, round trips, clear errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from coninfer.encoders.clip import DenseCLIP, DenseCLIPSettings, build_tiny_clip
-from coninfer.encoders.convert_clip import (
+from coninfer.encoders.clip import DenseCLIP, build_tiny_clip
+from coninfer.encoders.load_clip import (
     convert_open_clip_state_dict,
     load_clip,
     load_tokenizer,
@@ -18,6 +18,7 @@ from coninfer.encoders.convert_clip import (
     to_open_clip_state_dict,
 )
 from coninfer.errors import CheckpointFormatError, InputError, InputFileError, ModelLoadError, OutputError
+from coninfer.settings import DenseCLIPSettings
 
 TEXTS = ["a photo of a building.", "an aerial view of a road"]
 

@@ -1,4 +1,4 @@
-"""Tests of coninfer.pipeline: settings, devices, tile batches, encoding, solving, golden fixture E end to end."""
+"""Tests of coninfer.tile_step: settings, devices, tile batches, encoding, solving, golden fixture E end to end."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ import pytest
 import torch
 
 import scenes
-from coninfer.encoders.clip import DenseCLIPSettings, build_tiny_clip
-from coninfer.encoders.convert_clip import load_clip
-from coninfer.encoders.convert_dinov3 import load_vfm
+from coninfer.encoders.clip import build_tiny_clip
 from coninfer.encoders.dinov3 import build_tiny_dinov3
+from coninfer.encoders.load_clip import load_clip
+from coninfer.encoders.load_vfm import load_vfm
 from coninfer.errors import InputError
-from coninfer.pipeline import (
+from coninfer.prompts import ClassList
+from coninfer.settings import DenseCLIPSettings
+from coninfer.solver import refine
+from coninfer.tile_step import (
     InferenceSettings,
     Models,
     TileResult,
@@ -29,8 +32,6 @@ from coninfer.pipeline import (
     solve,
     to_model_input,
 )
-from coninfer.prompts import ClassList
-from coninfer.solver import refine
 
 EXACT = ((128 / 255,) * 3, (64 / 255,) * 3)
 """Normalisation that turns uint8 u into (u - 128) / 64 exactly, the golden fixtures' model input."""
@@ -62,22 +63,23 @@ def tiles() -> np.ndarray:
 class TestInferenceSettings:
     def test_defaults_are_the_paper_config(self) -> None:
         settings = InferenceSettings()
-        assert (settings.model_res, settings.temperature, settings.iterations, settings.prior_scale) == (448, 50, 10, 100)
-        assert (settings.init_topk, settings.logit_scale, settings.prob_thd, settings.method) == (8, 5.0, 0.0, "coninfer")
+        solver, post = settings.solver, settings.post
+        assert (settings.model_res, solver.temperature, solver.iterations, solver.prior_scale) == (448, 50, 10, 100)
+        assert (solver.init_topk, post.logit_scale, post.prob_thd, settings.method) == (8, 5.0, 0.0, "coninfer")
 
     @pytest.mark.parametrize(("kwargs", "field"), [
         ({"model_res": 8}, "model_res"), ({"model_res": 33}, "model_res"), ({"method": "sam"}, "method"),
-        ({"vfm_features": "dino"}, "vfm_features"), ({"prob_thd": 1.5}, "prob_thd"), ({"prob_thd": -0.1}, "prob_thd"),
+        ({"features": "dino"}, "features"), ({"prob_thd": 1.5}, "prob_thd"), ({"prob_thd": -0.1}, "prob_thd"),
         ({"logit_scale": 0.0}, "logit_scale"), ({"temperature": 0.0}, "temperature"),
         ({"iterations": -1}, "iterations"), ({"prior_scale": float("inf")}, "prior_scale"),
-        ({"init_topk": 0}, "init_topk"), ({"bg_idx": -1}, "bg_idx"),
+        ({"init_topk": 0}, "init_topk"), ({"bg_index": -1}, "bg_index"),
     ])  # fmt: skip
     def test_invalid_field_is_named(self, kwargs: dict, field: str) -> None:
         with pytest.raises(InputError, match=field):
-            InferenceSettings(**kwargs)
+            InferenceSettings().with_values(**kwargs)
 
     def test_solver_settings_carry_the_numbers(self) -> None:
-        solver = InferenceSettings(temperature=20.0, iterations=3, prior_scale=50.0, init_topk=4).solver_settings()
+        solver = InferenceSettings().with_values(temperature=20.0, iterations=3, prior_scale=50.0, init_topk=4).solver
         assert (solver.temperature, solver.iterations, solver.prior_scale, solver.init_topk) == (20.0, 3, 50.0, 4)
 
 
@@ -188,14 +190,14 @@ class TestTileBatch:
 
 class TestEncodeAndSolve:
     def test_shapes_and_norms(self, models: Models, tiles: np.ndarray) -> None:
-        logits, features = encode_tiles(models, as_tile_batch(tiles), InferenceSettings(model_res=32))
+        logits, features = encode_tiles(models, as_tile_batch(tiles), InferenceSettings().with_values(model_res=32))
         assert logits.shape == (3, 4, 4) and logits.dtype == torch.float32
         assert features.shape == (3, 4, 64)  # the VFM's width
         torch.testing.assert_close(features.norm(dim=-1), torch.ones(3, 4))
         assert float(logits.abs().max()) <= 1.0 + 1e-5  # cosine similarities
 
     def test_clip_features(self, models: Models, tiles: np.ndarray) -> None:
-        settings = InferenceSettings(model_res=32, vfm_features="clip")
+        settings = InferenceSettings().with_values(model_res=32, features="clip")
         logits, features = encode_tiles(models, as_tile_batch(tiles), settings)
         assert features.shape == (3, 4, 32)  # CLIP's own tokens, whose products with the queries are the logits
         torch.testing.assert_close(features.float() @ models.query_embeddings.T, logits)
@@ -203,17 +205,17 @@ class TestEncodeAndSolve:
     def test_vfm_needed(self, models: Models, tiles: np.ndarray) -> None:
         clip_only = Models(models.clip, None, models.classes, models.query_embeddings)
         with pytest.raises(InputError, match="needs a VFM") as error:
-            encode_tiles(clip_only, as_tile_batch(tiles), InferenceSettings(model_res=32))
+            encode_tiles(clip_only, as_tile_batch(tiles), InferenceSettings().with_values(model_res=32))
         assert "--vfm" in error.value.hint
 
     def test_solve_is_the_solver(self) -> None:
         logits, features = _unit_rows(40, 3, seed=2) * 0.3, _unit_rows(40, 8, seed=3)
-        z = solve(logits, features, InferenceSettings(temperature=20.0, iterations=4))
+        z = solve(logits, features, InferenceSettings().with_values(temperature=20.0, iterations=4))
         torch.testing.assert_close(z, refine(logits, features, temperature=20.0, iterations=4))
 
     def test_baseline_is_the_prior(self) -> None:
         logits, features = _unit_rows(40, 3, seed=2) * 0.3, _unit_rows(40, 8, seed=3)
-        z = solve(logits, features, InferenceSettings(method="baseline", prior_scale=30.0))
+        z = solve(logits, features, InferenceSettings().with_values(method="baseline", prior_scale=30.0))
         torch.testing.assert_close(z, torch.softmax(30.0 * logits, dim=-1))
 
 
@@ -221,7 +223,7 @@ class TestInferTiles:
     def test_results_at_each_tile_size(self, models: Models) -> None:
         rng = np.random.default_rng(1)
         images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)]
-        results = infer_tiles(models, images, InferenceSettings(model_res=32, init_topk=4))
+        results = infer_tiles(models, images, InferenceSettings().with_values(model_res=32, init_topk=4))
         assert [r.labels.shape for r in results] == [(40, 56), (20, 24)]
         for result in results:
             assert isinstance(result, TileResult)
@@ -230,12 +232,12 @@ class TestInferTiles:
             np.testing.assert_array_equal(result.labels, result.probs.argmax(axis=0))
 
     def test_output_sizes(self, models: Models, tiles: np.ndarray) -> None:
-        results = infer_tiles(models, tiles, InferenceSettings(model_res=32), output_sizes=[(10, 12)] * 3)
+        results = infer_tiles(models, tiles, InferenceSettings().with_values(model_res=32), output_sizes=[(10, 12)] * 3)
         assert {r.labels.shape for r in results} == {(10, 12)}
 
     def test_baseline_without_vfm(self, models: Models, tiles: np.ndarray) -> None:
         clip_only = Models(models.clip, None, models.classes, models.query_embeddings)
-        settings = InferenceSettings(model_res=32, method="baseline")
+        settings = InferenceSettings().with_values(model_res=32, method="baseline")
         baseline = infer_tiles(clip_only, tiles, settings)
         logits, _ = encode_tiles(clip_only, as_tile_batch(tiles), settings)
         # the prior alone: a corner pixel takes the class of the top query of its corner patch (2 x 2 grid)
@@ -244,7 +246,7 @@ class TestInferTiles:
             assert result.labels[[0, 0, -1, -1], [0, -1, 0, -1]].tolist() == expected
 
     def test_prob_thd_gives_background(self, models: Models, tiles: np.ndarray) -> None:
-        results = infer_tiles(models, tiles, InferenceSettings(model_res=32, prob_thd=1.0, bg_idx=2))
+        results = infer_tiles(models, tiles, InferenceSettings().with_values(model_res=32, prob_thd=1.0, bg_index=2))
         assert all((r.labels == 2).all() for r in results)
 
 
@@ -274,8 +276,8 @@ class TestGoldenEndToEnd:
 
     @staticmethod
     def _settings(meta: dict) -> InferenceSettings:
-        return InferenceSettings(model_res=448, temperature=meta["gmm_temp"], logit_scale=meta["logit_scale"],
-                                 prob_thd=meta["prob_thd"], bg_idx=meta["bg_idx"])
+        return InferenceSettings().with_values(model_res=448, temperature=meta["gmm_temp"], logit_scale=meta["logit_scale"],
+                                 prob_thd=meta["prob_thd"], bg_index=meta["bg_idx"])
 
     def test_encode_and_solve(self, golden_e2e: tuple[dict, dict, Models]) -> None:
         arrays, meta, models = golden_e2e

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from coninfer.encoders.convert_dinov3 import (
+from coninfer.encoders.dinov3 import IMAGENET, SAT493M, build_tiny_dinov2, build_tiny_dinov3
+from coninfer.encoders.load_vfm import (
     CONINFER_JSON,
     detect_format,
     export_meta_state_dict,
@@ -22,7 +23,6 @@ from coninfer.encoders.convert_dinov3 import (
     save_vfm_transformers,
     transformers_to_timm,
 )
-from coninfer.encoders.dinov3 import IMAGENET, SAT493M, build_tiny_dinov2, build_tiny_dinov3
 from coninfer.errors import CheckpointFormatError, InputError, InputFileError, ModelLoadError, OutputError
 
 META_STEMS = ("dinov3_vitl16sat_tiny", "dinov3_vith16plus_tiny")

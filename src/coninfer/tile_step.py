@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -23,53 +22,11 @@ import torch.nn.functional as F
 from coninfer.errors import InputError
 from coninfer.postprocess import class_probabilities, labels_from_probabilities, patches_to_grid
 from coninfer.prompts import ClassList
-from coninfer.solver import SolverSettings, refine
+from coninfer.settings import InferenceSettings
+from coninfer.solver import refine
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["coninfer", "baseline"]
-FeatureSource = Literal["vfm", "clip"]
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """Every number the tile step uses; defaults are the paper's base config.
-
-    ``method="baseline"`` skips the solver (z = the CLIP prior softmax(prior_scale * logits), the MaskCLIP*
-    row of the paper). ``vfm_features="clip"`` takes the solver's features from CLIP's own dense tokens
-    (paper Table 4, "context from CLIP features"). ``prob_thd``: pixels whose top class probability is below
-    it get ``bg_idx`` (0 = off).
-    """
-
-    model_res: int = 448
-    method: Method = "coninfer"
-    temperature: float = 50.0
-    iterations: int = 10
-    prior_scale: float = 100.0
-    init_topk: int = 8
-    logit_scale: float = 5.0
-    prob_thd: float = 0.0
-    bg_idx: int = 0
-    vfm_features: FeatureSource = "vfm"
-
-    def __post_init__(self) -> None:
-        if self.model_res < 16 or self.model_res % 2:
-            raise InputError(f"model_res must be an even number >= 16, got {self.model_res}")
-        if self.method not in ("coninfer", "baseline"):
-            raise InputError(f"method must be 'coninfer' or 'baseline', got {self.method!r}")
-        if self.vfm_features not in ("vfm", "clip"):
-            raise InputError(f"vfm_features must be 'vfm' or 'clip', got {self.vfm_features!r}")
-        if not 0.0 <= self.prob_thd <= 1.0:
-            raise InputError(f"prob_thd must be in [0, 1], got {self.prob_thd}")
-        if self.logit_scale <= 0:
-            raise InputError(f"logit_scale must be > 0, got {self.logit_scale}")
-        if self.bg_idx < 0:
-            raise InputError(f"bg_idx must be a class index >= 0, got {self.bg_idx}")
-        # temperature, iterations, prior_scale and init_topk are checked by SolverSettings
-        self.solver_settings()
-
-    def solver_settings(self) -> SolverSettings:
-        return SolverSettings(self.temperature, self.iterations, self.prior_scale, self.init_topk)
 
 
 @dataclass
@@ -118,11 +75,9 @@ def load_models(classes: ClassList, *, vlm: str = "clip-b16", vfm: str | None = 
     """Load the CLIP (``vlm``) and VFM (``vfm``; None when the method needs none) presets/paths and embed the
     class queries (prompt ensemble, cached on disk)."""
     from coninfer.encoders import presets
-    from coninfer.encoders.clip import DenseCLIPSettings
-
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
-    clip = presets.load_vlm(vlm, device=torch_device, dtype=dtype, settings=clip_settings or DenseCLIPSettings())
+    clip = presets.load_vlm(vlm, device=torch_device, dtype=dtype, settings=clip_settings)
     vfm_model = presets.load_vfm(vfm, device=torch_device, dtype=dtype) if vfm else None
     queries = clip.encode_queries(list(classes.queries), cache_dir=cache_dir)
     return Models(clip, vfm_model, classes, queries, torch_device, dtype, vfm_normalization=vfm_normalization)
@@ -213,17 +168,17 @@ def encode_tiles(models: Models, tiles: Sequence[torch.Tensor], settings: Infere
     grid = models.grid_size(settings.model_res)
     clip_input = to_model_input(tiles, grid * models.clip.patch_size, models.clip_normalization,
                                 models.device, models.dtype)
-    clip_tokens = models.clip.dense_features(clip_input)  # (B, G*G, E), unit norm
+    clip_tokens = models.clip.dense_features(clip_input, settings.clip)  # (B, G*G, E), unit norm
     if clip_tokens.shape[1] != grid * grid:
         raise InputError(f"CLIP produced {clip_tokens.shape[1]} patches but the VFM grid has {grid * grid}")
     queries = models.query_embeddings.to(device=clip_tokens.device, dtype=torch.float32)
     logits = clip_tokens.float() @ queries.T  # (B, G*G, E) @ (E, K) -> (B, G*G, K)
-    if settings.vfm_features == "clip" or settings.method == "baseline":
+    if not settings.needs_vfm:
         features = clip_tokens
     else:
         if models.vfm is None:
             raise InputError("this method needs a VFM but none is loaded",
-                             hint="load one (--vfm), or use method='baseline' or vfm_features='clip'")
+                             hint="load one (--vfm), or use method='baseline' or features='clip'")
         vfm_input = to_model_input(tiles, grid * models.vfm.patch_size, models.vfm_normalization,
                                    models.device, models.dtype)
         features = models.vfm.dense_features(vfm_input)  # (B, G*G, D), unit norm
@@ -238,9 +193,8 @@ def encode_tiles(models: Models, tiles: Sequence[torch.Tensor], settings: Infere
 def solve(logits: torch.Tensor, features: torch.Tensor, settings: InferenceSettings) -> torch.Tensor:
     """z (N, K) float32 for all patches of a context: the solver, or the prior alone for ``baseline``."""
     if settings.method == "baseline":
-        return torch.softmax(settings.prior_scale * logits.float(), dim=-1)
-    return refine(logits, features, temperature=settings.temperature, iterations=settings.iterations,
-                  prior_scale=settings.prior_scale, init_topk=settings.init_topk)
+        return torch.softmax(settings.solver.prior_scale * logits.float(), dim=-1)
+    return refine(logits, features, settings=settings.solver)
 
 
 @dataclass(frozen=True)
@@ -270,7 +224,7 @@ def infer_tiles(models: Models, images, settings: InferenceSettings = InferenceS
     for index, tile in enumerate(tiles):
         size = tuple(output_sizes[index]) if output_sizes else tuple(tile.shape[1:])
         probs = class_probabilities(z_grid[index : index + 1], size, models.classes.query_to_class,
-                                    settings.logit_scale)[0]
-        labels = labels_from_probabilities(probs[None], settings.prob_thd, settings.bg_idx)[0]
+                                    settings.post.logit_scale)[0]
+        labels = labels_from_probabilities(probs[None], settings.post.prob_thd, settings.post.bg_index)[0]
         results.append(TileResult(labels.to(torch.uint8).cpu().numpy(), probs.cpu().numpy()))
     return results

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from coninfer.encoders.checkpoints import StateDict, hub_download, hub_snapshot, load_into, load_state_dict
-from coninfer.encoders.clip import DenseCLIP, DenseCLIPSettings, check_tokenizer
+from coninfer.encoders.clip import DenseCLIP, check_tokenizer
 from coninfer.errors import CheckpointFormatError, InputError, InputFileError, ModelLoadError, OutputError
+from coninfer.settings import DenseCLIPSettings
 
 logger = logging.getLogger(__name__)
 

@@ -24,12 +24,13 @@ import numpy as np
 CHILD = """
 import json, resource, sys, time
 import torch
-from coninfer.scene import SceneOptions, Segmenter
+from coninfer.segmenter import Segmenter
+from coninfer.settings import SceneOptions
 scene, out, workdir, models, device, batch = sys.argv[1:7]
 classes = "building,roof;road;tree;low vegetation;water"
 start = time.perf_counter()
 if models == "tiny":
-    segmenter = Segmenter(classes, vlm="tiny-random", vfm="tiny-random", device=device)
+    segmenter = Segmenter.from_presets(classes, vlm="tiny-random", vfm="tiny-random", device=device)
 else:  # full-size CLIP B/16 + DINOv3 L/16 with random weights: real arithmetic, meaningless labels
     from bench_encoders import build_clip, build_dinov3
     from coninfer.tile_step import Models
@@ -37,7 +38,7 @@ else:  # full-size CLIP B/16 + DINOv3 L/16 with random weights: real arithmetic,
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     parsed = ClassList.parse(classes)
     queries = torch.nn.functional.normalize(torch.randn(len(parsed.queries), 512), dim=-1)
-    segmenter = Segmenter.from_models(Models(build_clip(device, dtype), build_dinov3(device, dtype, huge=False),
+    segmenter = Segmenter(Models(build_clip(device, dtype), build_dinov3(device, dtype, huge=False),
                                              parsed, queries, torch.device(device), dtype))
 report = segmenter.segment_file(scene, out, SceneOptions(batch_size=int(batch)), workdir=workdir, progress=False)
 report["wall_s"] = time.perf_counter() - start

@@ -46,7 +46,7 @@ class TestGolden:
                     archive["query_idx"].tolist(),
                     logit_scale=float(archive["logit_scale"]),
                     prob_thd=float(archive["prob_thd"]),
-                    bg_idx=int(archive["bg_idx"]),
+                    bg_index=int(archive["bg_idx"]),
                 )
                 robust = ~archive["fragile"]
                 labels = result.labels.numpy()
@@ -124,15 +124,15 @@ class TestLabels:
 
     def test_threshold_is_strict(self) -> None:
         probabilities = torch.tensor([[0.5, 0.3], [0.2, 0.25]]).reshape(2, 1, 2)  # (C, H, W); maxima 0.5, 0.3
-        labels = labels_from_probabilities(probabilities, prob_thd=0.3, bg_idx=7)
+        labels = labels_from_probabilities(probabilities, prob_thd=0.3, bg_index=7)
         assert labels.dtype == torch.int64
         assert labels.tolist() == [[0, 0]]  # 0.3 is not < 0.3
-        labels = labels_from_probabilities(probabilities, prob_thd=0.31, bg_idx=7)
+        labels = labels_from_probabilities(probabilities, prob_thd=0.31, bg_index=7)
         assert labels.tolist() == [[0, 7]]
 
     def test_postprocess_combines_both_halves(self) -> None:
         grid = torch.rand(2, 4, 5, 5)
-        result = postprocess(grid, (11, 12), [0, 0, 1, 2], prob_thd=0.3, bg_idx=2)
+        result = postprocess(grid, (11, 12), [0, 0, 1, 2], prob_thd=0.3, bg_index=2)
         torch.testing.assert_close(result.probabilities, class_probabilities(grid, (11, 12), [0, 0, 1, 2]))
         torch.testing.assert_close(result.labels, labels_from_probabilities(result.probabilities, 0.3, 2))
         assert result.labels.shape == (2, 11, 12)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from coninfer._fs import cache_dir
 from coninfer.errors import InputError, InputFileError
-from coninfer.prompts import ClassList, default_cache_dir, embed_queries, load_templates
+from coninfer.prompts import ClassList, embed_queries, load_templates
 
 
 class TestClassList:
@@ -132,12 +133,12 @@ class TestEmbedQueries:
 
     def test_default_cache_dir_from_environment(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("CONINFER_CACHE", str(tmp_path / "cache"))
-        assert default_cache_dir() == tmp_path / "cache"
+        assert cache_dir() == tmp_path / "cache"
         encoder = _FakeEncoder()
         embed_queries(["water"], encoder, templates=self.TEMPLATES, model_key="m")
         assert list((tmp_path / "cache" / "text_embeddings").glob("*.safetensors"))
         monkeypatch.delenv("CONINFER_CACHE")
-        assert default_cache_dir() == Path.home() / ".cache" / "coninfer"
+        assert cache_dir() == Path.home() / ".cache" / "coninfer"
 
     def test_corrupt_cache_is_recomputed(self, tmp_path: Path) -> None:
         encoder = _FakeEncoder()

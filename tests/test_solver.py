@@ -1,4 +1,8 @@
-"""Tests for coninfer.solver: golden parity (section A), chunked == in-memory, dtypes, guards, validation."""
+"""Tests for coninfer.solver: golden parity (section A), chunked == in-memory, dtypes, guards, validation.
+
+The chunked and multi-process tests run both methods (joint and decoupled); golden F and the decoupled
+method's own rules are in test_solver_decoupled.py, which imports the helpers below.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from coninfer.solver import (
 )
 
 
-def _golden_inputs(archive: np.lib.npyio.NpzFile) -> tuple[np.ndarray, np.ndarray, float]:
+def golden_inputs(archive: np.lib.npyio.NpzFile) -> tuple[np.ndarray, np.ndarray, float]:
     """(logits (N, K), features (N, D), temperature) exactly as the README builds them."""
     features = (archive["feat_A"].astype(np.float32) @ archive["feat_W"].astype(np.float32)) / archive["feat_norms"][:, None]
     return archive["clip_logits"], features, float(archive["temp"])
@@ -36,7 +40,7 @@ def _gmm_cases(golden_dir: Path) -> list[Path]:
     return cases
 
 
-def _random_problem(num_patches: int, num_queries: int, num_features: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def random_problem(num_patches: int, num_queries: int, num_features: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Clustered unit features and noisy cosine-like logits that favour the true cluster."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(num_queries, num_features))
@@ -48,7 +52,7 @@ def _random_problem(num_patches: int, num_queries: int, num_features: int, seed:
     return logits.astype(np.float32), features.astype(np.float32)
 
 
-def _chunk_source(logits: np.ndarray, features: np.ndarray, bounds: list[int], dtype: torch.dtype = torch.float32):
+def chunk_source(logits: np.ndarray, features: np.ndarray, bounds: list[int], dtype: torch.dtype = torch.float32):
     """A re-iterable chunk source over rows ``bounds[j]:bounds[j + 1]``."""
 
     def chunks():
@@ -62,7 +66,7 @@ class TestGolden:
     def test_every_case_matches_official(self, golden_dir: Path) -> None:
         for path in _gmm_cases(golden_dir):
             with np.load(path, allow_pickle=False) as archive:
-                logits, features, temperature = _golden_inputs(archive)
+                logits, features, temperature = golden_inputs(archive)
                 result = refine_with_history(logits, features, SolverSettings(temperature=temperature))
                 history = result.fit.history
                 z_golden = archive["z"]
@@ -83,7 +87,7 @@ class TestGolden:
             with np.load(path, allow_pickle=False) as archive:
                 if "z_iter" not in archive.files:
                     continue
-                logits, features, temperature = _golden_inputs(archive)
+                logits, features, temperature = golden_inputs(archive)
                 for step in (0, 1, 4):
                     z = refine(logits, features, temperature=temperature, iterations=step)
                     assert np.abs(z - archive["z_iter"][step]).max() <= 2e-4, (path.name, step)
@@ -91,29 +95,30 @@ class TestGolden:
         assert checked, "no golden case stores z_iter"
 
 
+@pytest.mark.parametrize("joint", [True, False], ids=["joint", "decoupled"])
 class TestChunked:
-    def test_chunked_equals_in_memory(self) -> None:
-        logits, features = _random_problem(3000, 6, 48, seed=1)
+    def test_chunked_equals_in_memory(self, joint: bool) -> None:
+        logits, features = random_problem(3000, 6, 48, seed=1)
         settings = SolverSettings(iterations=6, block_rows=256)
-        expected = refine(logits, features, iterations=6)
+        expected = refine(logits, features, iterations=6, joint=joint)
         bounds = [0, 700, 701, 701, 2048, 3000]  # uneven, with a one-row and an empty chunk
-        half_chunks = _chunk_source(logits, features, bounds, torch.float16)
-        fit = fit_context(half_chunks, settings)
+        half_chunks = chunk_source(logits, features, bounds, torch.float16)
+        fit = fit_context(half_chunks, settings, joint=joint)
         assert fit.num_patches == 3000
         z = torch.cat(list(assign_chunks(half_chunks, fit.state, settings))).numpy()
-        assert np.abs(z - refine(logits, features.astype(np.float16), iterations=6)).max() <= 1e-5
-        chunks32 = _chunk_source(logits, features, bounds)
+        assert np.abs(z - refine(logits, features.astype(np.float16), iterations=6, joint=joint)).max() <= 1e-5
+        chunks32 = chunk_source(logits, features, bounds)
         out = np.zeros((3000, 6), dtype=np.float32)
-        refine_chunked(chunks32, out, settings)
+        refine_chunked(chunks32, out, settings, joint=joint)
         assert np.abs(out - expected).max() <= 1e-5
         np.testing.assert_array_equal(out.argmax(axis=1), expected.argmax(axis=1))
         out_tensor = torch.zeros(3000, 6)
-        refine_chunked(chunks32, out_tensor, settings)
+        refine_chunked(chunks32, out_tensor, settings, joint=joint)
         np.testing.assert_array_equal(out_tensor.numpy(), out)
 
-    def test_reduce_applies_to_every_sum(self) -> None:
+    def test_reduce_applies_to_every_sum(self, joint: bool) -> None:
         """Two identical 'processes': summed statistics double, the M-step is scale-free, z is unchanged."""
-        logits, features = _random_problem(500, 4, 16, seed=2)
+        logits, features = random_problem(500, 4, 16, seed=2)
         calls = []
 
         def twice(tensor: torch.Tensor) -> torch.Tensor:
@@ -124,14 +129,14 @@ class TestChunked:
             yield torch.from_numpy(logits), torch.from_numpy(features)
 
         settings = SolverSettings(iterations=3)
-        fit = fit_context(chunks, settings, reduce=twice)
+        fit = fit_context(chunks, settings, joint=joint, reduce=twice)
         assert sorted(set(calls)) == [(4,), (4, 16), (16,)]
         z = next(iter(assign_chunks(chunks, fit.state, settings))).numpy()
-        assert np.abs(z - refine(logits, features, iterations=3)).max() <= 1e-6
+        assert np.abs(z - refine(logits, features, iterations=3, joint=joint)).max() <= 1e-6
 
-    def test_two_processes_fit_the_single_process_mixture(self) -> None:
+    def test_two_processes_fit_the_single_process_mixture(self, joint: bool) -> None:
         """Two threads stand in for two processes: all-reduce via ``reduce``, all-gather via ``gather``."""
-        logits, features = _random_problem(1200, 5, 24, seed=6)
+        logits, features = random_problem(1200, 5, 24, seed=6)
         split = 500
         # each share's local top-k patches differ from the global ones, so a missing gather changes the result
         shares = [(0, split), (split, 1200)]
@@ -163,7 +168,7 @@ class TestChunked:
                 first, second = exchange(rank, local)
                 return first.merge(second, settings.init_topk)
 
-            fit = fit_context(chunks, settings, reduce=all_reduce, gather=all_gather, record_history=True)
+            fit = fit_context(chunks, settings, joint=joint, reduce=all_reduce, gather=all_gather, record_history=True)
             results[rank] = (fit, next(iter(assign_chunks(chunks, fit.state, settings))))
 
         threads = [threading.Thread(target=worker, args=(rank,)) for rank in (0, 1)]
@@ -171,15 +176,15 @@ class TestChunked:
             thread.start()
         for thread in threads:
             thread.join(timeout=60)
-        single = refine_with_history(logits, features, settings)
+        single = refine_with_history(logits, features, settings, joint=joint)
         z = torch.cat([results[0][1], results[1][1]]).numpy()
         assert np.abs(z - single.z).max() <= 1e-5
         for fit, _ in results:
             torch.testing.assert_close(fit.history.means, single.fit.history.means, rtol=0, atol=1e-6)
             torch.testing.assert_close(fit.history.loss, single.fit.history.loss, rtol=0, atol=1e-6)
 
-    def test_source_must_repeat_itself(self) -> None:
-        logits, features = _random_problem(100, 3, 8)
+    def test_source_must_repeat_itself(self, joint: bool) -> None:
+        logits, features = random_problem(100, 3, 8)
         passes = []
 
         def shrinking():
@@ -188,22 +193,22 @@ class TestChunked:
             yield torch.from_numpy(logits[:rows]), torch.from_numpy(features[:rows])
 
         with pytest.raises(InputError, match="first pass"):
-            fit_context(shrinking, SolverSettings(iterations=2))
+            fit_context(shrinking, SolverSettings(iterations=2), joint=joint)
 
-    def test_chunks_must_agree_on_sizes(self) -> None:
-        logits, features = _random_problem(100, 3, 8)
+    def test_chunks_must_agree_on_sizes(self, joint: bool) -> None:
+        logits, features = random_problem(100, 3, 8)
 
         def mixed():
             yield torch.from_numpy(logits[:50]), torch.from_numpy(features[:50])
             yield torch.from_numpy(logits[50:]), torch.from_numpy(features[50:, :4])
 
         with pytest.raises(InputError, match="chunk 1"):
-            fit_context(mixed, SolverSettings(iterations=1))
+            fit_context(mixed, SolverSettings(iterations=1), joint=joint)
 
 
 class TestDtypes:
     def test_numpy_in_numpy_out_torch_in_torch_out(self) -> None:
-        logits, features = _random_problem(400, 5, 32)
+        logits, features = random_problem(400, 5, 32)
         z_numpy = refine(logits, features, iterations=3)
         z_torch = refine(torch.from_numpy(logits), torch.from_numpy(features), iterations=3)
         assert isinstance(z_numpy, np.ndarray) and z_numpy.dtype == np.float32 and z_numpy.shape == (400, 5)
@@ -213,7 +218,7 @@ class TestDtypes:
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_half_features_accumulate_in_float32(self, dtype: torch.dtype) -> None:
-        logits, features = _random_problem(400, 5, 32)
+        logits, features = random_problem(400, 5, 32)
         half = torch.from_numpy(features).to(dtype)
         z = refine(torch.from_numpy(logits), half, iterations=3)
         expected = refine(torch.from_numpy(logits), half.float(), iterations=3)
@@ -221,21 +226,21 @@ class TestDtypes:
         assert (z - expected).abs().max() <= 1e-6
 
     def test_numpy_float16_and_read_only_arrays(self) -> None:
-        logits, features = _random_problem(200, 3, 16)
+        logits, features = random_problem(200, 3, 16)
         half = features.astype(np.float16)
         half.flags.writeable = False
         z = refine(logits, half, iterations=2)
         np.testing.assert_allclose(z, refine(logits, half.astype(np.float32), iterations=2), atol=1e-6)
 
     def test_deterministic(self) -> None:
-        logits, features = _random_problem(1000, 4, 24, seed=3)
+        logits, features = random_problem(1000, 4, 24, seed=3)
         np.testing.assert_array_equal(refine(logits, features), refine(logits, features))
 
 
 class TestGuards:
     def test_dead_query_keeps_previous_mean(self) -> None:
         """Query 2's prior underflows everywhere (exp(-110) == 0 in float32): official code gives NaN."""
-        logits, features = _random_problem(300, 3, 16, seed=4)
+        logits, features = random_problem(300, 3, 16, seed=4)
         logits[:, 2] = -0.6
         logits[:, :2] = 0.5 + 0.01 * logits[:, :2]
         result = refine_with_history(logits, features, SolverSettings(iterations=4))
@@ -260,7 +265,7 @@ class TestGuards:
         expected /= np.linalg.norm(expected)
         for bounds in ([0, 40], [0, 10, 15, 40], [0, 13, 40]):  # ties inside one chunk and across chunks
 
-            chunks = _chunk_source(logits, features, bounds)
+            chunks = chunk_source(logits, features, bounds)
             fit = fit_context(chunks, settings, record_history=True)
             np.testing.assert_allclose(fit.history.means[0, 0].numpy(), expected, atol=1e-6, err_msg=str(bounds))
 
@@ -309,13 +314,13 @@ class TestValidation:
         ],
     )
     def test_bad_arrays(self, change, message: str) -> None:
-        logits, features = _random_problem(60, 3, 16)
+        logits, features = random_problem(60, 3, 16)
         bad_logits, bad_features = change(logits, features)
         with pytest.raises(InputError, match=message):
             refine(bad_logits, bad_features, iterations=2)
 
     def test_nan_features_caught_without_iterations(self) -> None:
-        logits, features = _random_problem(60, 3, 16)
+        logits, features = random_problem(60, 3, 16)
         features[50, 3] = np.nan  # not among the top patches, and no M-step to see it
         with pytest.raises(InputError, match="NaN or infinite"):
             refine(logits, features, iterations=0)
@@ -332,7 +337,7 @@ class TestValidation:
         ],
     )
     def test_bad_settings(self, settings: dict, message: str) -> None:
-        logits, features = _random_problem(60, 3, 16)
+        logits, features = random_problem(60, 3, 16)
         with pytest.raises(InputError, match=message):
             refine(logits, features, **settings)
 
@@ -345,18 +350,18 @@ class TestInputForms:
     """Array forms a user hands over without thinking: views, foreign byte order, numpy scalars, autograd."""
 
     def test_reversed_view_is_accepted(self) -> None:
-        logits, features = _random_problem(200, 3, 16)
+        logits, features = random_problem(200, 3, 16)
         z = refine(logits[::-1], features[::-1], iterations=2)  # negative strides: torch.from_numpy refuses them
         np.testing.assert_array_equal(z, refine(logits[::-1].copy(), features[::-1].copy(), iterations=2))
 
     def test_big_endian_arrays_are_accepted(self) -> None:
-        logits, features = _random_problem(200, 3, 16)
+        logits, features = random_problem(200, 3, 16)
         z = refine(logits.astype(">f4"), features.astype(">f2"), iterations=2)
         np.testing.assert_array_equal(z, refine(logits, features.astype(np.float16), iterations=2))
 
     def test_numpy_scalar_settings(self) -> None:
         """``temperature=archive["temp"]``-style numpy scalars work like Python numbers."""
-        logits, features = _random_problem(200, 3, 16)
+        logits, features = random_problem(200, 3, 16)
         z = refine(logits, features, temperature=np.float32(150), prior_scale=np.float16(100), iterations=np.int64(2))
         np.testing.assert_array_equal(z, refine(logits, features, temperature=150.0, iterations=2))
         settings = SolverSettings(temperature=np.float32(150), init_topk=np.int32(4))
@@ -364,11 +369,11 @@ class TestInputForms:
 
     def test_no_autograd_graph(self) -> None:
         """Inputs that require grad must not make the solver record 11 iterations of autograd history."""
-        logits, features = _random_problem(200, 3, 16)
+        logits, features = random_problem(200, 3, 16)
         z = refine(torch.from_numpy(logits).requires_grad_(), torch.from_numpy(features).requires_grad_())
         assert not z.requires_grad and z.grad_fn is None
 
     def test_all_equal_logits_give_uniform_z(self) -> None:
-        _, features = _random_problem(60, 4, 16)
+        _, features = random_problem(60, 4, 16)
         z = refine(np.full((60, 4), 0.2, dtype=np.float32), features)
         np.testing.assert_allclose(z, 0.25, rtol=0, atol=1e-7)

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import scenes
-from coninfer.encoders.clip import build_tiny_clip
-from coninfer.encoders.dinov3 import build_tiny_dinov3
 from coninfer.encoders.load_clip import load_clip
 from coninfer.encoders.load_vfm import load_vfm
+from coninfer.encoders.tiny import build_tiny_clip, build_tiny_dinov3
 from coninfer.errors import InputError
 from coninfer.prompts import ClassList
 from coninfer.settings import DenseCLIPSettings

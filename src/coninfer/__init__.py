@@ -13,7 +13,7 @@ from coninfer.errors import ConInferError, InputError, ModelLoadError
 from coninfer.solver import refine
 
 if TYPE_CHECKING:
-    from coninfer.scene import Segmenter
+    from coninfer.segmenter import Segmenter
 
 __all__ = ["ConInferError", "InputError", "ModelLoadError", "Segmenter", "refine", "__version__"]
 __version__ = "0.1.0"
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "Segmenter":
-        from coninfer.scene import Segmenter
+        from coninfer.segmenter import Segmenter
 
         return Segmenter
     raise AttributeError(f"module 'coninfer' has no attribute {name!r}")

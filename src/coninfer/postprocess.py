@@ -4,7 +4,7 @@ Per image, in this order: bilinear upsampling of the raw z grid to the output si
 ``align_corners=False``, no antialias) -> multiply by ``logit_scale`` -> softmax over the K queries -> the
 probability of class c is the max over its synonyms (queries q with ``query_to_class[q] == c``) -> argmax over
 classes (first index on ties) -> pixels whose max class probability is strictly below ``prob_thd`` become
-``bg_idx``.
+``bg_index``.
 
 :func:`class_probabilities` and :func:`labels_from_probabilities` are the two halves, so a caller can stitch
 probabilities across overlapping tiles before taking labels; :func:`postprocess` runs both.
@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -100,14 +101,27 @@ def class_probabilities(
     return output if z_grid.ndim == 4 else output[0]
 
 
-def labels_from_probabilities(probabilities: torch.Tensor, prob_thd: float = 0.0, bg_idx: int = 0) -> torch.Tensor:
+def labels_from_probabilities(probabilities: torch.Tensor, prob_thd: float = 0.0, bg_index: int = 0) -> torch.Tensor:
     """Labels (..., H, W) int64 from class probabilities (..., C, H, W): argmax over C (first index on ties);
-    pixels whose max probability is < ``prob_thd`` become ``bg_idx`` (``prob_thd`` 0 never fires)."""
+    pixels whose max probability is < ``prob_thd`` become ``bg_index`` (``prob_thd`` 0 never fires)."""
     if probabilities.ndim < 3:
         raise InputError(f"probabilities must be (..., C, H, W), got {tuple(probabilities.shape)}")
     best = probabilities.amax(dim=-3)
     labels = torch.argmax(probabilities, dim=-3)  # documented to return the first maximal index
-    return torch.where(best < prob_thd, torch.full_like(labels, int(bg_idx)), labels)
+    return torch.where(below_threshold(best, prob_thd), torch.full_like(labels, int(bg_index)), labels)
+
+
+def labels_from_probabilities_np(probabilities: np.ndarray, prob_thd: float = 0.0, bg_index: int = 0) -> np.ndarray:
+    """:func:`labels_from_probabilities` for numpy (C, H, W) -> (H, W) uint8: the same rule (the stitched
+    scene path, whose probabilities are blended on the host)."""
+    labels = probabilities.argmax(axis=0).astype(np.uint8)  # first maximal index, like torch.argmax
+    labels[below_threshold(probabilities.max(axis=0), prob_thd)] = bg_index
+    return labels
+
+
+def below_threshold(best, prob_thd: float):
+    """The one ``prob_thd`` rule: strictly below fires, so 0 never does (torch or numpy)."""
+    return best < prob_thd
 
 
 def postprocess(
@@ -117,8 +131,8 @@ def postprocess(
     *,
     logit_scale: float = 5.0,
     prob_thd: float = 0.0,
-    bg_idx: int = 0,
+    bg_index: int = 0,
 ) -> PostprocessResult:
     """Labels and class probabilities at ``out_size`` from z grids (B, K, h, w) or (K, h, w)."""
     probabilities = class_probabilities(z_grid, out_size, query_to_class, logit_scale)
-    return PostprocessResult(labels_from_probabilities(probabilities, prob_thd, bg_idx), probabilities)
+    return PostprocessResult(labels_from_probabilities(probabilities, prob_thd, bg_index), probabilities)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from coninfer import _fs
+from coninfer._fs import atomic_path
 from coninfer.errors import InputError, InputFileError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 EncodeText = Callable[[list[str]], torch.Tensor]
 
 TEMPLATE_FILE = "imagenet_templates.txt"
-CACHE_ENV = "CONINFER_CACHE"
 _CACHE_SUBDIR = "text_embeddings"
 
 
@@ -160,12 +160,6 @@ def load_templates() -> tuple[str, ...]:
     return templates
 
 
-def default_cache_dir() -> Path:
-    """``$CONINFER_CACHE`` if set, else ``~/.cache/coninfer``."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "coninfer"
-
-
 def embed_queries(
     queries: Sequence[str],
     encode_text: EncodeText,
@@ -179,7 +173,7 @@ def embed_queries(
 
     ``encode_text(texts)`` returns (len(texts), E); it is called once per query not found in the cache, with
     all templates filled with that query. The cache is one safetensors file per ``model_key`` under
-    ``cache_dir`` (default :func:`default_cache_dir`), with one entry per (query, template set); the
+    ``cache_dir`` (default :func:`coninfer._fs.cache_dir`), with one entry per (query, template set); the
     ``model_key`` must identify the text encoder's weights (``DenseCLIP.text_model_key`` does).
     """
     queries = list(queries)
@@ -221,7 +215,7 @@ def _sha256(text: str) -> str:
 
 
 def _cache_file(cache_dir: str | Path | None, model_key: str) -> Path:
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = Path(cache_dir) if cache_dir is not None else _fs.cache_dir()
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", model_key)[-60:].strip("._") or "model"
     return folder / _CACHE_SUBDIR / f"{readable}-{_sha256(model_key)[:16]}.safetensors"
 
@@ -242,11 +236,9 @@ def _write_cache(path: Path, entries: dict[str, torch.Tensor], model_key: str) -
     from safetensors.torch import save_file
 
     # Written to a temporary name and renamed, so a concurrent reader never sees half a file.
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in entries.items()}, str(temporary), metadata={"model_key": model_key})
-        os.replace(temporary, path)
-    except OSError as error:
+        with atomic_path(path) as temporary:
+            save_file({k: v.contiguous() for k, v in entries.items()}, str(temporary), metadata={"model_key": model_key})
+    except OSError as error:  # OutputError is an OSError too
         logger.warning("cannot write the text-embedding cache %s (%s); continuing without it", path, error)
-        temporary.unlink(missing_ok=True)

@@ -27,7 +27,7 @@ FeatureSource = Literal["vfm", "clip"]
 Context = Literal["scene", "batch", "none"]
 CONTEXTS = ("scene", "batch", "none")
 
-VARIANTS = ("vanilla", "maskclip", "sclip", "clearclip", "segearth")
+VARIANTS = ("vanilla", "maskclip", "sclip", "clearclip", "segearth", "gem")
 
 _VARIANT_TABLE = {  # paper Table 2 / ConInfer configs: (ignore_residual, attn_lambda)
     "vanilla": (False, 0.0),
@@ -35,6 +35,7 @@ _VARIANT_TABLE = {  # paper Table 2 / ConInfer configs: (ignore_residual, attn_l
     "sclip": (False, 0.0),
     "clearclip": (True, 0.0),
     "segearth": (True, 0.6),
+    "gem": (False, 0.0),
 }
 
 

@@ -1,23 +1,35 @@
 """The on-disk store of a scene run: per-tile priors, features, patch validity and solver output.
 
-Each array is a plain file of fixed-size tile records, read and written with ``pread``/``pwrite``; progress is a
-small ``state.json`` replaced atomically after the data, so a run killed at any point resumes at the first
-unrecorded group of tiles and computes exactly the same numbers.
+Each array is a plain file of fixed-size tile records, read and written with ``pread``/``pwrite``, next to a
+checksum file (``<name>.crc``: one uint64 per tile, ``crc32 | 1 << 32`` once written, 0 never written). Every
+read checks the records it returns (each tile once per session), so a damaged, truncated or deleted file
+raises :class:`StoreCorruptError` naming the tiles instead of handing back wrong numbers.
+
+Progress lives in small JSON records, each carrying a checksum of itself and replaced atomically after the data:
+``state.json`` (the store's dimensions) and one ``progress-<rank>.json`` per writer (tiles encoded, tiles
+empty, contexts solved). Several writers (ranks) fill one store, each recording only its own work; what is
+done is the union of all records, so a rerun with any number of writers resumes exactly the missing tiles. A
+solved context records a fingerprint of its inputs' checksums: re-encoding one of its tiles differently
+makes it unsolved again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
-from collections.abc import Iterator, Sequence
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from coninfer.errors import OutputError
+from coninfer.errors import InputError, OutputError
 
 try:
     import fcntl
@@ -26,132 +38,453 @@ except ImportError:  # Windows: no advisory locks; two runs on one store are the
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+STORE_VERSION = 2
+"""Version of the store's layout; a store of another version is refused (it is part of the work folder key)."""
 _SPACE_HINT = "free some disk space, or pass --workdir with a folder on a disk with more room"
+_RESUME_HINT = "pass --no-resume to start over"
+_WRITTEN = 1 << 32  # set in every written checksum slot, so that 0 means "never written"
+_VERIFY_TILES = 64  # tiles per read while verifying
+_RECORD = re.compile(r"^progress-(\d+)\.json$")
+
+
+class StoreCorruptError(InputError):
+    """The work store fails its checks: a damaged, truncated, missing or foreign file.
+
+    ``folder`` is the work folder; ``tiles`` the damaged tiles (empty when the damage is not in tile records).
+    """
+
+    def __init__(self, folder: Path, problem: str, tiles: Iterable[int] = ()) -> None:
+        self.folder = Path(folder)
+        self.tiles = sorted({int(tile) for tile in tiles})
+        where = f" at tile(s) {describe_tiles(self.tiles)}" if self.tiles else ""
+        super().__init__(f"the work folder {folder} is damaged: {problem}{where}", hint=_RESUME_HINT)
 
 
 class TileFile:
-    """A (tiles, patches[, channels]) array in a file, read and written tile by tile with pread/pwrite.
+    """A (tiles, patches[, channels]) array in a file with a checksum per tile, read and written by tile.
 
     Unlike ``np.memmap``, pages read or written here are not mapped into the process, so resident memory stays
-    bounded by the tiles in hand however large the scene (the kernel's page cache still speeds up the passes).
-    Data written is visible to a later process as soon as the call returns, so a killed run loses nothing it
-    recorded as done.
+    bounded by the tiles in hand however large the scene. Data written is visible to a later process as soon
+    as the call returns. ``create=True`` starts empty; otherwise existing records are kept (a file of the wrong
+    size is resized, and its lost records then fail their checksums). Reading a tile that was never written,
+    or whose record does not match its checksum, raises :class:`StoreCorruptError`.
     """
 
-    def __init__(self, path: Path, dtype, shape: tuple[int, ...], *, create: bool) -> None:
-        self.path = path
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...], *, create: bool = False) -> None:
+        self.path = Path(path)
+        self.checksum_path = self.path.with_name(self.path.name + ".crc")
         self.dtype = np.dtype(dtype)
-        self.shape = shape
-        self.tile_shape = shape[1:]
+        self.shape = tuple(shape)
+        self.tile_shape = self.shape[1:]
         self.tile_bytes = int(np.prod(self.tile_shape)) * self.dtype.itemsize
-        self._fd = -1
+        self._verified = np.zeros(self.shape[0], bool)  # tiles checked (or written) in this session
+        self._fd = self._checksum_fd = -1
         try:
-            if create or not path.exists():
-                with open(path, "wb") as handle:  # sparse: only written tiles take disk space
-                    handle.truncate(shape[0] * self.tile_bytes)
-            self._fd = os.open(path, os.O_RDWR)
+            self._fd = _open_sized(self.path, self.shape[0] * self.tile_bytes, clear=create)
+            self._checksum_fd = _open_sized(self.checksum_path, self.shape[0] * 8, clear=create)
         except OSError as error:
-            raise _write_error(path, error) from error
+            self.close()
+            raise _write_error(self.path, error) from error
 
     def __getitem__(self, indices: int | Sequence[int]) -> np.ndarray:
         """One tile ``tile_shape``, or (len(indices), *tile_shape) for a list of tile indexes."""
-        if isinstance(indices, (int, np.integer)):
-            return self._read_run(int(indices), 1)[0]
-        parts = [self._read_run(start, count) for start, count in _runs(indices)]
-        return np.concatenate(parts) if parts else np.empty((0, *self.tile_shape), self.dtype)
+        single = isinstance(indices, (int, np.integer))
+        tiles = [int(indices)] if single else [int(i) for i in indices]
+        values = self._read(tiles)
+        pending = [i for i, tile in enumerate(tiles) if not self._verified[tile]]
+        if pending:
+            damaged = self._mismatches([tiles[i] for i in pending], values[pending])
+            if damaged:
+                raise StoreCorruptError(self.path.parent, f"{self.path.name} fails its checksum", damaged)
+        return values[0] if single else values
 
     def __setitem__(self, indices: int | Sequence[int], values: np.ndarray) -> None:
-        indices = [int(indices)] if isinstance(indices, (int, np.integer)) else list(indices)
-        values = np.ascontiguousarray(values, dtype=self.dtype).reshape(len(indices), *self.tile_shape)
+        tiles = [int(indices)] if isinstance(indices, (int, np.integer)) else [int(i) for i in indices]
+        values = np.ascontiguousarray(values, dtype=self.dtype).reshape(len(tiles), *self.tile_shape)
+        sums = np.array([zlib.crc32(value) | _WRITTEN for value in values], "<u8")
         done = 0
-        for start, count in _runs(indices):
-            if start < 0 or start + count > self.shape[0]:
-                raise IndexError(f"tiles {start}..{start + count - 1} outside 0..{self.shape[0] - 1}")
-            try:
+        for start, count in _runs(tiles, self.shape[0]):
+            try:  # the data first, then its checksums: a kill in between leaves a record that fails its check
                 os.pwrite(self._fd, values[done : done + count].tobytes(), start * self.tile_bytes)
+                os.pwrite(self._checksum_fd, sums[done : done + count].tobytes(), start * 8)
             except OSError as error:
                 raise _write_error(self.path, error) from error
             done += count
+        self._verified[tiles] = True
 
-    def _read_run(self, start: int, count: int) -> np.ndarray:
-        if start < 0 or start + count > self.shape[0]:
-            raise IndexError(f"tiles {start}..{start + count - 1} outside 0..{self.shape[0] - 1}")
-        out = np.empty((count, *self.tile_shape), self.dtype)
-        read = os.preadv(self._fd, [memoryview(out).cast("B")], start * self.tile_bytes)
-        if read != out.nbytes:
-            raise OSError(f"{self.path}: short read of tiles {start}..{start + count - 1}")
+    def checksums(self, tiles: Sequence[int]) -> np.ndarray:
+        """(len(tiles),) uint64: the recorded checksum of each tile (0: never written)."""
+        tiles = [int(i) for i in tiles]
+        out = np.zeros(len(tiles), "<u8")
+        done = 0
+        for start, count in _runs(tiles, self.shape[0]):
+            chunk = os.pread(self._checksum_fd, count * 8, start * 8)
+            out[done : done + len(chunk) // 8] = np.frombuffer(chunk, "<u8", len(chunk) // 8)
+            done += count
         return out
 
+    def damaged(self, tiles: Sequence[int]) -> list[int]:
+        """The tiles among ``tiles`` whose record was never written or does not match its checksum (read
+        again from disk, whatever this session checked before)."""
+        tiles = sorted({int(i) for i in tiles})
+        damaged = []
+        for first in range(0, len(tiles), _VERIFY_TILES):
+            group = tiles[first : first + _VERIFY_TILES]
+            self._verified[group] = False
+            damaged += self._mismatches(group, self._read(group))
+        return damaged
+
+    def _read(self, tiles: list[int]) -> np.ndarray:
+        """(len(tiles), *tile_shape) records as stored; bytes past the end of a truncated file read as 0."""
+        out = np.zeros((len(tiles), *self.tile_shape), self.dtype)
+        if not tiles:
+            return out
+        flat = memoryview(out).cast("B")
+        done = 0
+        for start, count in _runs(tiles, self.shape[0]):
+            os.preadv(self._fd, [flat[done * self.tile_bytes : (done + count) * self.tile_bytes]],
+                      start * self.tile_bytes)
+            done += count
+        return out
+
+    def _mismatches(self, tiles: list[int], values: np.ndarray) -> list[int]:
+        """Tiles whose ``values`` do not match their recorded checksum; the others are marked verified."""
+        recorded = self.checksums(tiles)
+        damaged = [tile for tile, value, stored in zip(tiles, values, recorded, strict=True)
+                   if int(stored) != zlib.crc32(np.ascontiguousarray(value)) | _WRITTEN]
+        self._verified[sorted(set(tiles) - set(damaged))] = True
+        return damaged
+
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for name in ("_fd", "_checksum_fd"):
+            if getattr(self, name, -1) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
     def __del__(self) -> None:
         self.close()
 
 
-def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
-    """Consecutive runs of sorted-or-not tile indexes as (start, count), in the given order."""
-    indices = [int(i) for i in indices]
-    start = 0
-    while start < len(indices):
-        stop = start + 1
-        while stop < len(indices) and indices[stop] == indices[stop - 1] + 1:
-            stop += 1
-        yield indices[start], stop - start
-        start = stop
-
-
 class TileStore:
-    """Per-tile priors, features, patch validity and solver output of one scene run, in ``folder``."""
+    """Per-tile priors, features, patch validity and solver output of one scene run, in ``folder``.
 
-    def __init__(self, folder: Path, num_tiles: int, num_patches: int, num_queries: int) -> None:
-        self.folder = folder
+    Writer ``rank`` of ``num_ranks`` records its progress in ``progress-<rank>.json``; the single-writer
+    default is rank 0 of 1. Opening creates the store if ``folder`` holds none (several writers may open one
+    folder at once) and raises :class:`StoreCorruptError` if its records are damaged or of another version or
+    size; damaged tile records are found by :meth:`verify` (or by the read that meets them).
+    """
+
+    def __init__(self, folder: Path, num_tiles: int, num_patches: int, num_queries: int, *, rank: int = 0,
+                 num_ranks: int = 1) -> None:
+        if not 0 <= rank < num_ranks:
+            raise ValueError(f"rank {rank} is not in 0..{num_ranks - 1}")
+        self.folder = Path(folder)
         self.shape = (num_tiles, num_patches)
         self.num_queries = num_queries
-        self.state_path = folder / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {
-            "version": STORE_VERSION, "next_tile": 0, "empty": [], "feature_dim": None, "solved": False}
-        fresh = not self.state["next_tile"]
-        self.logits = self._file("logits.f32", np.float32, num_queries, create=fresh)
-        self.valid = self._file("valid.u8", np.uint8, None, create=fresh)
-        self.features: TileFile | None = None
-        if self.state["feature_dim"]:
-            self.features = self._file("features.f16", np.float16, self.state["feature_dim"], create=False)
-        self.z = self._file("z.f32", np.float32, num_queries, create=not self.state["solved"])
-        self.resumed_from = self.state["next_tile"]  # tiles an earlier, interrupted run already encoded
+        self.rank, self.num_ranks = rank, num_ranks
+        self.state_path = self.folder / "state.json"
+        self._record_path = self.folder / f"progress-{rank}.json"
+        self.feature_dim: int | None = self._open_state()
+        self.logits = self._file("logits.f32", np.float32, num_queries)
+        self.valid = self._file("valid.u8", np.uint8, None)
+        self.z = self._file("z.f32", np.float32, num_queries)
+        self.features = self._file("features.f16", np.float16, self.feature_dim) if self.feature_dim else None
+        self.resumed_from = self.state["next_tile"]  # tiles before it an earlier run already stored
+
+    # -- opening and closing ----------------------------------------------------------------------------------
+
+    def _open_state(self) -> int | None:
+        """The feature dimension recorded in ``state.json`` (written now for a new store)."""
+        if not self.state_path.exists():
+            if any(_RECORD.match(path.name) for path in self.folder.glob("progress-*.json")):
+                raise StoreCorruptError(self.folder, "state.json is missing but progress records exist")
+            self._write_state(None)
+            return None
+        state = self._read_json(self.state_path)
+        dims = {"num_tiles": self.shape[0], "num_patches": self.shape[1], "num_queries": self.num_queries}
+        found = {key: state.get(key) for key in dims}
+        if found != dims:
+            raise StoreCorruptError(self.folder, f"state.json describes a store of {found}, not {dims}")
+        return state.get("feature_dim")
+
+    def _write_state(self, feature_dim: int | None) -> None:
+        self._write_json(self.state_path, {"num_tiles": self.shape[0], "num_patches": self.shape[1],
+                                           "num_queries": self.num_queries, "feature_dim": feature_dim})
+
+    def _file(self, name: str, dtype, last: int | None) -> TileFile:
+        return TileFile(self.folder / name, dtype, self.shape + ((last,) if last else ()))
 
     def close(self) -> None:
         for array in (self.logits, self.valid, self.features, self.z):
             if array is not None:
                 array.close()
 
-    def _file(self, name: str, dtype, last: int | None, *, create: bool) -> TileFile:
-        shape = self.shape + ((last,) if last else ())
-        return TileFile(self.folder / name, dtype, shape, create=create)
+    def __enter__(self) -> TileStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- writing ------------------------------------------------------------------------------------------
 
     def put(self, indices: Sequence[int], logits: np.ndarray, features: np.ndarray, valid: np.ndarray) -> None:
+        """Store encoded tiles: logits (n, P, K), features (n, P, D) (kept as float16), valid (n, P) uint8.
+        Call :meth:`record` (or :meth:`commit`) afterwards to count them as done."""
+        dim = int(features.shape[-1])
         if self.features is None:
-            self.state["feature_dim"] = int(features.shape[-1])
-            self.features = self._file("features.f16", np.float16, features.shape[-1], create=True)
+            self.feature_dim = self._read_json(self.state_path).get("feature_dim")  # another writer's?
+            if self.feature_dim is None:
+                self._write_state(dim)  # before any data, so no stored feature lacks its dimension
+                self.feature_dim = dim
+            self.features = self._file("features.f16", np.float16, self.feature_dim)
+        if dim != self.feature_dim:
+            raise ValueError(f"features have {dim} channels, the store holds {self.feature_dim}")
         self.logits[indices] = logits
         self.features[indices] = features.astype(np.float16)
         self.valid[indices] = valid
 
+    def record(self, *, encoded: Iterable[int] = (), empty: Iterable[int] = (),
+               solved: Mapping[int, Sequence[int]] | None = None) -> None:
+        """Add to this writer's progress record, atomically, after the data (a kill never records unsaved
+        work): tiles ``encoded`` (their data was :meth:`put`), tiles ``empty`` (nothing to encode), and
+        ``solved`` contexts (context id -> its tiles, all encoded, whose z was written)."""
+        record = self._load_record(self._record_path)
+        record["encoded"] |= _checked(encoded, self.shape[0])
+        record["empty"] |= _checked(empty, self.shape[0])
+        if solved:
+            known = self._progress()["encoded"] | record["encoded"]
+            for context, tiles in solved.items():
+                tiles = sorted(_checked(tiles, self.shape[0]))
+                if not known.issuperset(tiles):
+                    raise ValueError(f"context {context} holds tiles not encoded: "
+                                     f"{describe_tiles(sorted(set(tiles) - known))}")
+                record["solved"][int(context)] = {"tiles": tiles, "inputs": self._fingerprint(tiles)}
+        self._write_record(self._record_path, record)
+
     def commit(self, next_tile: int, empty: Sequence[int] = (), solved: bool | None = None) -> None:
-        """Record progress atomically, after the data (so a kill never records unsaved work)."""
-        self.state["next_tile"] = next_tile
-        self.state["empty"] = sorted(set(self.state["empty"]) | set(int(i) for i in empty))
-        if solved is not None:
-            self.state["solved"] = solved
-        temporary = self.state_path.with_suffix(".tmp")
+        """The single writer's :meth:`record`: every tile before ``next_tile`` is stored, those in ``empty``
+        (now or before) are empty; ``solved=True`` records every encoded tile as solved (context 0)."""
+        empty = _checked(empty, self.shape[0])
+        known_empty = empty | self._progress()["empty"]
+        self.record(encoded=[tile for tile in range(next_tile) if tile not in known_empty], empty=empty)
+        if solved:
+            self.record(solved={0: sorted(self._progress()["encoded"])})
+
+    # -- reading progress -----------------------------------------------------------------------------------
+
+    def encoded_tiles(self) -> list[int]:
+        """Tiles some writer encoded and recorded."""
+        return sorted(self._progress()["encoded"])
+
+    def empty_tiles(self) -> list[int]:
+        """Tiles some writer found empty (no valid pixel)."""
+        return sorted(self._progress()["empty"])
+
+    def missing_tiles(self) -> list[int]:
+        """Tiles no writer has recorded as encoded or empty: the work left."""
+        progress = self._progress()
+        done = progress["encoded"] | progress["empty"]
+        return [tile for tile in range(self.shape[0]) if tile not in done]
+
+    def solved_contexts(self) -> dict[int, list[int]]:
+        """Context id -> tiles of each solved context whose tiles are all still encoded from the same inputs."""
+        progress = self._progress()
+        return {context: entry["tiles"] for context, entry in sorted(progress["solved"].items())
+                if progress["encoded"].issuperset(entry["tiles"])
+                and entry["inputs"] == self._fingerprint(entry["tiles"])}
+
+    def share(self, tiles: Sequence[int]) -> list[int]:
+        """This writer's contiguous part of ``tiles`` (the parts of ranks 0..num_ranks-1 cover them in order)."""
+        count = len(tiles)
+        return list(tiles[count * self.rank // self.num_ranks : count * (self.rank + 1) // self.num_ranks])
+
+    @property
+    def state(self) -> dict:
+        """Progress in the single writer's terms: ``next_tile`` (the first missing tile, ``num_tiles`` when
+        none), ``empty`` (sorted), ``feature_dim``, ``solved`` (every encoded tile lies in a solved context)."""
+        missing = self.missing_tiles()
+        covered = {tile for tiles in self.solved_contexts().values() for tile in tiles}
+        solved = bool(covered) and covered.issuperset(self._progress()["encoded"])
+        return {"version": STORE_VERSION, "next_tile": missing[0] if missing else self.shape[0],
+                "empty": self.empty_tiles(), "feature_dim": self.feature_dim, "solved": solved}
+
+    # -- checking and repairing ----------------------------------------------------------------------------
+
+    def verify(self, tiles: Iterable[int] | None = None) -> list[int]:
+        """The damaged tiles among ``tiles`` (default: all): encoded tiles whose logits, features or validity,
+        or (in a solved context) z, fail their checksums. Reads every such record once."""
+        progress = self._progress()
+        wanted = progress["encoded"] if tiles is None else progress["encoded"] & {int(t) for t in tiles}
+        if not wanted:
+            return []
+        damaged = set(wanted) if self.features is None else set(self.features.damaged(wanted))
+        damaged.update(self.logits.damaged(wanted), self.valid.damaged(wanted))
+        solved = {tile for tiles in self.solved_contexts().values() for tile in tiles}
+        damaged.update(self.z.damaged(wanted & solved))
+        return sorted(damaged)
+
+    def discard(self, tiles: Iterable[int]) -> None:
+        """Make ``tiles`` missing again in every writer's record and unsolve the contexts holding them (call
+        it while no other writer is at work)."""
+        tiles = {int(tile) for tile in tiles}
+        for path in sorted(self.folder.glob("progress-*.json")):
+            if not _RECORD.match(path.name):
+                continue
+            record = self._load_record(path)
+            kept = {context: entry for context, entry in record["solved"].items()
+                    if tiles.isdisjoint(entry["tiles"])}
+            if tiles & (record["encoded"] | record["empty"]) or len(kept) < len(record["solved"]):
+                record.update(encoded=record["encoded"] - tiles, empty=record["empty"] - tiles, solved=kept)
+                self._write_record(path, record)
+
+    def repair(self) -> list[int]:
+        """:meth:`verify` every tile and :meth:`discard` the damaged ones, saying so in one warning; returns
+        them (the caller encodes them again, then solves the contexts that became unsolved)."""
+        damaged = self.verify()
+        if damaged:
+            logger.warning("the work folder %s holds %d damaged tile(s) (%s): encoding them again", self.folder,
+                           len(damaged), describe_tiles(damaged))
+            self.discard(damaged)
+        return damaged
+
+    # -- records ------------------------------------------------------------------------------------------
+
+    def _progress(self) -> dict:
+        """The union of every writer's record: encoded and empty tile sets, solved contexts by id."""
+        union: dict = {"encoded": set(), "empty": set(), "solved": {}}
+        for path in sorted(self.folder.glob("progress-*.json")):
+            if _RECORD.match(path.name):
+                record = self._load_record(path)
+                union["encoded"] |= record["encoded"]
+                union["empty"] |= record["empty"]
+                union["solved"].update(record["solved"])
+        return union
+
+    def _fingerprint(self, tiles: Sequence[int]) -> str:
+        """A digest of the input checksums of ``tiles``: it changes when any of them is stored anew."""
+        digest = hashlib.blake2b(np.asarray(tiles, "<i8").tobytes(), digest_size=16)
+        for array in (self.logits, self.valid, self.features):
+            digest.update(b"-" if array is None else array.checksums(tiles).tobytes())
+        return digest.hexdigest()
+
+    def _load_record(self, path: Path) -> dict:
+        if not path.exists():
+            return {"encoded": set(), "empty": set(), "solved": {}}
+        payload = self._read_json(path)
         try:
-            temporary.write_text(json.dumps(self.state))
-            os.replace(temporary, self.state_path)
+            return {"encoded": _from_ranges(payload["encoded"]), "empty": _from_ranges(payload["empty"]),
+                    "solved": {int(context): {"tiles": sorted(_from_ranges(entry["tiles"])),
+                                              "inputs": str(entry["inputs"])}
+                               for context, entry in payload["solved"].items()}}
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise StoreCorruptError(self.folder, f"{path.name} is not a progress record") from error
+
+    def _write_record(self, path: Path, record: dict) -> None:
+        self._write_json(path, {
+            "encoded": _to_ranges(record["encoded"]), "empty": _to_ranges(record["empty"]),
+            "solved": {str(context): {"tiles": _to_ranges(entry["tiles"]), "inputs": entry["inputs"]}
+                       for context, entry in sorted(record["solved"].items())}})
+
+    def _read_json(self, path: Path) -> dict:
+        """A record's payload, checked: unreadable, damaged or foreign records raise StoreCorruptError."""
+        try:
+            payload = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise StoreCorruptError(self.folder, f"{path.name} is missing") from None
+        except (OSError, ValueError) as error:
+            raise StoreCorruptError(self.folder, f"{path.name} cannot be read (truncated or overwritten)") from error
+        if not isinstance(payload, dict):
+            raise StoreCorruptError(self.folder, f"{path.name} cannot be read (truncated or overwritten)")
+        checksum = payload.pop("checksum", None)
+        version = payload.get("version")
+        if checksum == _digest(payload) and version == STORE_VERSION:
+            return payload
+        if checksum is None or checksum == _digest(payload):  # an intact record of another layout
+            raise StoreCorruptError(self.folder, f"{path.name} is of store version {version}, this coninfer "
+                                                 f"reads version {STORE_VERSION}")
+        raise StoreCorruptError(self.folder, f"{path.name} fails its checksum")
+
+    def _write_json(self, path: Path, payload: dict) -> None:
+        payload = {**payload, "version": STORE_VERSION}
+        data = json.dumps({**payload, "checksum": _digest(payload)}, sort_keys=True).encode()
+        try:
+            _atomic_write_bytes(path, data)
         except OSError as error:
-            raise _write_error(self.state_path, error) from error
+            raise _write_error(path, error) from error
+
+
+def describe_tiles(tiles: Sequence[int], limit: int = 8) -> str:
+    """Sorted tile indexes as ranges (``3, 7..9``), the first ``limit`` ranges and a count of the rest."""
+    ranges = [f"{start}" if stop == start + 1 else f"{start}..{stop - 1}" for start, stop in _to_ranges(tiles)]
+    more = f" and {len(ranges) - limit} more ranges" if len(ranges) > limit else ""
+    return ", ".join(ranges[:limit]) + more
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _to_ranges(tiles: Iterable[int]) -> list[list[int]]:
+    """Tile indexes as sorted [start, stop) runs."""
+    ranges: list[list[int]] = []
+    for tile in sorted(set(tiles)):
+        if ranges and ranges[-1][1] == tile:
+            ranges[-1][1] += 1
+        else:
+            ranges.append([tile, tile + 1])
+    return ranges
+
+
+def _from_ranges(ranges: list) -> set[int]:
+    return {tile for start, stop in ranges for tile in range(int(start), int(stop))}
+
+
+def _checked(tiles: Iterable[int], num_tiles: int) -> set[int]:
+    tiles = {int(tile) for tile in tiles}
+    if tiles and (min(tiles) < 0 or max(tiles) >= num_tiles):
+        raise IndexError(f"tiles {describe_tiles(sorted(tiles))} not all in 0..{num_tiles - 1}")
+    return tiles
+
+
+def _runs(indices: Sequence[int], num_tiles: int) -> Iterator[tuple[int, int]]:
+    """Consecutive runs of tile indexes as (start, count), in the given order; IndexError outside the array."""
+    start = 0
+    while start < len(indices):
+        stop = start + 1
+        while stop < len(indices) and indices[stop] == indices[stop - 1] + 1:
+            stop += 1
+        if indices[start] < 0 or indices[stop - 1] >= num_tiles:
+            raise IndexError(f"tiles {indices[start]}..{indices[stop - 1]} outside 0..{num_tiles - 1}")
+        yield indices[start], stop - start
+        start = stop
+
+
+def _open_sized(path: Path, size: int, *, clear: bool) -> int:
+    """A read-write descriptor of ``path`` (created if missing, emptied if ``clear``), ``size`` bytes long."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if clear:
+            os.ftruncate(fd, 0)
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)  # sparse: only written tiles take disk space
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``.<name>.<pid>-<random>.coninfer-tmp<suffix>`` next to ``path``, flush it to disk,
+    then move it onto ``path``: readers see the old file or the new one, never a part."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.coninfer-tmp{path.suffix}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _write_error(path: Path, error: OSError) -> OutputError:
@@ -162,7 +495,8 @@ def _write_error(path: Path, error: OSError) -> OutputError:
 @contextmanager
 def locked_folder(folder: Path) -> Iterator[Path]:
     """Create ``folder`` and hold an exclusive lock on it for the block, so that two runs (processes or threads)
-    never write one store. The lock goes with the process, so a killed run leaves none behind.
+    never write one store. The lock goes with the process, so a killed run leaves none behind. The writers of
+    one run do not lock: the process that starts them holds the lock for them.
 
     Raises:
         OutputError: another run holds the lock, or the folder cannot be created.

@@ -1,7 +1,8 @@
 """The tile step: RGB tiles -> CLIP prior + VFM features on one patch grid -> solver -> per-tile label maps.
 
 This is the paper's evaluation path (:func:`infer_tiles`: the context is the batch of tiles given). Whole
-scenes, with scene-level context, an on-disk store and stitching, are in :mod:`coninfer.scene`.
+scenes, with scene-level context, an on-disk store and stitching, are in :mod:`coninfer.pipeline` (the
+passes) and :mod:`coninfer.segmenter` (the facade).
 
 Patch grid: the VFM sees tiles at ``model_res`` (448), so its grid is ``G = model_res / vfm.patch_size``
 (28 for DINOv3 /16). CLIP sees the same tiles at ``G * clip.patch_size`` so both grids are G x G: 448 for a
@@ -191,10 +192,11 @@ def encode_tiles(models: Models, tiles: Sequence[torch.Tensor], settings: Infere
 
 
 def solve(logits: torch.Tensor, features: torch.Tensor, settings: InferenceSettings) -> torch.Tensor:
-    """z (N, K) float32 for all patches of a context: the solver, or the prior alone for ``baseline``."""
+    """z (N, K) float32 for all patches of a context: the joint solver (``coninfer``), the decoupled one
+    (``decoupled``: prior-free fit, then one fusion), or the prior alone for ``baseline``."""
     if settings.method == "baseline":
         return torch.softmax(settings.solver.prior_scale * logits.float(), dim=-1)
-    return refine(logits, features, settings=settings.solver)
+    return refine(logits, features, settings=settings.solver, joint=settings.method != "decoupled")
 
 
 @dataclass(frozen=True)

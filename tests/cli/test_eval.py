@@ -17,12 +17,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import coninfer.encoders.clip as clip_module
 import coninfer.encoders.presets as presets
+import coninfer.encoders.tiny as tiny_module
 import coninfer.tile_step as pipeline
 from coninfer.cli import main
-from coninfer.cli.eval import _VFM_PRESETS, _clip_settings
-from coninfer.encoders.clip import build_tiny_clip
+from coninfer.encoders.tiny import build_tiny_clip
 from coninfer.evaluate import dataset_names, load_dataset_spec
 from coninfer.settings import DenseCLIPSettings
 
@@ -77,7 +76,7 @@ def shared_cache_and_model(monkeypatch, cache_dir, tiny_clip):
         model.settings = settings or DenseCLIPSettings()
         return model
 
-    monkeypatch.setattr(clip_module, "build_tiny_clip", build)
+    monkeypatch.setattr(tiny_module, "build_tiny_clip", build)
 
 
 @pytest.fixture
@@ -234,16 +233,3 @@ class TestErrors:
     def test_out_of_range_options(self, potsdam, option):
         result = run("Potsdam", "--data-root", str(potsdam), *TINY, *option)
         assert result.exit_code == 2 and option[0] in result.output
-
-
-class TestSettings:
-    def test_clip_settings_follow_dataset_variant_and_lambda(self):
-        assert _clip_settings(0.1, None, None) == DenseCLIPSettings("segearth", True, 0.1)
-        assert _clip_settings(0.1, "clearclip", None) == DenseCLIPSettings.for_variant("clearclip")
-        assert _clip_settings(0.1, "maskclip", 0.4) == DenseCLIPSettings("maskclip", False, 0.4)
-
-    def test_every_dataset_vfm_is_a_preset(self):
-        for name in dataset_names():
-            preset = presets.get_preset(_VFM_PRESETS[load_dataset_spec(name).coninfer.vfm], "vfm")
-            assert preset.format == "timm"
-        assert _VFM_PRESETS[load_dataset_spec("UAVid").coninfer.vfm] == "dinov3-h16plus-lvd"

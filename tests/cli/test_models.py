@@ -9,11 +9,11 @@ from safetensors.torch import save_file
 
 from coninfer.cli import main
 from coninfer.encoders import presets
-from coninfer.encoders.clip import build_tiny_clip
-from coninfer.encoders.dinov3 import build_tiny_dinov3
-from coninfer.encoders.load_clip import to_open_clip_state_dict
-from coninfer.encoders.load_vfm import CONINFER_JSON, export_meta_state_dict
+from coninfer.encoders.load_vfm import CONINFER_JSON
+from coninfer.encoders.normalization import IMAGENET, OPENAI_CLIP, SAT493M
+from coninfer.encoders.tiny import build_tiny_clip, build_tiny_dinov3
 from coninfer.settings import DenseCLIPSettings
+from exporters import export_meta_state_dict, to_open_clip_state_dict
 
 TEXTS = ["a photo of a building.", "an aerial view of a road"]
 
@@ -54,7 +54,7 @@ class TestDownload:
         result = run("download", name)
         assert result.exit_code == 2, result.output
         assert result.output.count("\n") == 1 and result.output.startswith("Error: cannot get ")
-        assert presets.PRESETS[name].source in result.output and "local path" in result.output
+        assert presets.get_preset(name).source in result.output and "local path" in result.output
         assert not any(offline_hub.rglob("*.safetensors"))
 
     def test_tiny_needs_no_download(self):
@@ -65,7 +65,7 @@ class TestDownload:
     def test_unknown_preset_lists_names(self):
         result = run("download", "clip-b99")
         assert result.exit_code == 2 and "'clip-b99'" in result.output
-        assert all(name in result.output for name in presets.PRESETS)
+        assert all(name in result.output for name in presets.preset_names())
 
 
 class TestConvert:
@@ -83,17 +83,25 @@ class TestConvert:
             torch.testing.assert_close(loaded.dense_tokens(pixels, settings), tiny_clip.dense_tokens(pixels, settings),
                                        rtol=0, atol=1e-6)
         torch.testing.assert_close(loaded.encode_text(TEXTS), tiny_clip.encode_text(TEXTS), rtol=0, atol=1e-6)
+        assert loaded.normalization.mean == OPENAI_CLIP.mean
 
     def test_meta_pth_to_transformers(self, pixels, tmp_path):
         vfm = build_tiny_dinov3(seed=3, gated_mlp=True)
         torch.save(export_meta_state_dict(vfm), tmp_path / "dinov3_tiny_sat493m.pth")
         output = tmp_path / "dinov3-hf"
-        result = run("convert", str(tmp_path / "dinov3_tiny_sat493m.pth"), str(output), "--role", "vfm")
+        result = run("convert", str(tmp_path / "dinov3_tiny_sat493m.pth"), str(output), "--role", "vfm",
+                     "--normalization", "sat493m")
         assert result.exit_code == 0, result.output
         assert (output / CONINFER_JSON).is_file()
         loaded = presets.load_vfm(str(output))
         torch.testing.assert_close(loaded.patch_tokens(pixels), vfm.patch_tokens(pixels), rtol=0, atol=1e-6)
-        assert loaded.normalization.name == "sat493m"  # chosen from the file name and kept in the folder
+        assert loaded.normalization == SAT493M  # given once at conversion, kept in the folder
+
+    def test_without_normalization_a_bare_meta_file_gets_imagenet(self, tmp_path):
+        torch.save(export_meta_state_dict(build_tiny_dinov3(seed=3)), tmp_path / "dinov3_tiny_sat493m.pth")
+        result = run("convert", str(tmp_path / "dinov3_tiny_sat493m.pth"), str(tmp_path / "out"), "--role", "vfm")
+        assert result.exit_code == 0, result.output
+        assert presets.load_vfm(str(tmp_path / "out")).normalization == IMAGENET  # the name "sat493m" is not read
 
     def test_existing_output_needs_overwrite(self, tmp_path):
         output = tmp_path / "out"

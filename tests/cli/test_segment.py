@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,8 +19,10 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 import scenes
+from coninfer._fs import TEMP_MARK
 from coninfer.cli import main
-from coninfer.raster import write
+from coninfer.pipeline import STOP_AFTER_BATCHES_ENV
+from coninfer.raster import style
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,7 +79,8 @@ class TestOutputs:
         assert result.exit_code == 0, result.output
         assert result.output == ""  # -q: no progress bars, no summary
         assert sorted(p.name for p in folder.iterdir() if p.name != "work") == [
-            "classes.gpkg", "classes.json", "classes.tif", "preview.png", "probs.tif", "scene.tif"]
+            "classes.gpkg", "classes.json", "classes.qml", "classes.tif", "classes.tif.aux.xml", "preview.png",
+            "probs.tif", "scene.tif"]
         assert list((folder / "work").iterdir()) == []  # the finished run's store is removed
 
     def test_same_grid_as_the_input(self, run: tuple[Path, Result]) -> None:
@@ -94,7 +96,7 @@ class TestOutputs:
     def test_colour_table_and_class_names(self, run: tuple[Path, Result]) -> None:
         with rasterio.open(run[0] / "classes.tif") as src:
             colormap = src.colormap(1)
-            assert [colormap[i][:3] for i in range(4)] == write.default_colors(4)
+            assert [colormap[i][:3] for i in range(4)] == style.class_colors(scenes.CLASS_NAMES)
             assert colormap[255][3] == 0  # nodata is transparent
             assert json.loads(src.tags()["CLASS_NAMES"]) == scenes.CLASS_NAMES
             assert [src.tags(1)[f"CLASS_{i}"] for i in range(4)] == scenes.CLASS_NAMES
@@ -140,7 +142,7 @@ class TestOutputs:
         assert (settings["scene"]["tile_size"], settings["scene"]["overlap"], settings["scene"]["context"]) == (
             32, 4, "scene")
         assert settings["inference"]["model_res"] == 32 and settings["inference"]["method"] == "coninfer"
-        assert (settings["models"]["vlm"], settings["models"]["vfm"]) == ("tiny-random", "tiny-random")
+        assert [settings["models"][role]["fingerprint"] for role in ("vlm", "vfm")] == ["tiny-random:0"] * 2
         assert report["tiles"]["total"] == 3 * 2 and report["tiles"]["resumed_from"] == 0
         timings = report["timings_s"]
         assert set(timings) == {"encode_s", "solve_s", "stitch_write_s", "vector_s", "preview_s", "total_s"}
@@ -164,7 +166,7 @@ def test_other_settings_run(tmp_path: Path, extra: list[str], section: str, key:
 
 def test_probability_threshold(tmp_path: Path) -> None:
     """With 4 classes the top probability is rarely 0.99, so most pixels fall back to the background class."""
-    result = _run(scenes.multispectral(tmp_path / "scene.tif", count=3), "--prob-thd", "0.99", "--bg-class", "3")
+    result = _run(scenes.multispectral(tmp_path / "scene.tif", count=3), "--prob-thd", "0.99", "--bg-index", "3")
     assert result.exit_code == 0, result.output
     with rasterio.open(tmp_path / "out.tif") as src:
         labels = src.read(1)
@@ -245,7 +247,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "no classes": (lambda f: _args(_ms(f), classes=None), "give exactly one of --classes"),
     "missing class file": (lambda f: _args(_ms(f), "--classes-file", str(f / "c.txt"), classes=None),
                            "class file not found"),
-    "bg class out of range": (lambda f: _args(_ms(f), "--bg-class", "4"), "--bg-class 4 is not a class index"),
+    "bg class out of range": (lambda f: _args(_ms(f), "--bg-index", "4"), "--bg-index 4 is not a class index"),
     "output is the input": (lambda f: _args(_ms(f), output="scene.tif"), "output .*scene.tif is the input"),
     "existing output": (_existing("out.tif"), "out.tif already exists .*--overwrite"),
     "existing report": (_existing("out.json"), "out.json already exists"),
@@ -253,8 +255,8 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "missing model path": (lambda f: _args(_ms(f), "--vfm", str(f / "dino.safetensors")),
                            "--vfm .*dino.safetensors' is neither a preset, an existing file"),
     "missing output folder": (lambda f: _args(_ms(f), output="no/out.tif"), "output folder .*no does not exist"),
-    "unknown vector format": (lambda f: _args(_ms(f), "--vector", str(f / "v.shp")), "unknown extension '.shp'"),
-    "class map not a GeoTIFF": (lambda f: _args(_ms(f), output="out.png"), "unknown extension '.png'"),
+    "unknown vector format": (lambda f: _args(_ms(f), "--vector", str(f / "v.shp")), "'.shp' is not a vector file name"),
+    "class map not a GeoTIFF": (lambda f: _args(_ms(f), output="out.png"), "'.png' is not a class map file name"),
     "model resolution": (lambda f: _args(_ms(f), "--model-res", "40"), "not a multiple of the VFM patch size"),
     "entirely nodata": (lambda f: _args(scenes.all_nodata(f / "nodata.tif")), "entirely nodata"),
 }
@@ -296,23 +298,6 @@ def _snapshot(folder: Path) -> dict[str, bytes | None]:
 # -- resume -------------------------------------------------------------------------------------------------------
 
 
-def _state(workdir: Path) -> dict | None:
-    for path in workdir.glob("*/state.json"):
-        return json.loads(path.read_text())  # replaced atomically, so never half-written
-    return None
-
-
-def _wait_for_progress(process: subprocess.Popen, workdir: Path, timeout_s: float = 120.0) -> dict | None:
-    """The store's state as soon as one encoder batch is recorded; None if the process ended first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        state = _state(workdir)
-        if state is not None and state["next_tile"] > 0:
-            return state
-        time.sleep(0.01)
-    return None
-
-
 def test_resume_after_kill_gives_identical_bytes(tmp_path: Path, cache_dir: Path) -> None:
     """A run killed (SIGKILL) during the encode pass resumes from its store and writes the same bytes as a run
     that was never interrupted. 6 x 7 = 42 tiles of 32 px, 2 per encoder batch."""
@@ -324,23 +309,61 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path: Path, cache_dir: Path
                 *scenes.TINY, "--tile-size", "32", "--model-res", "32", "--batch-size", "2", "-q"]
 
     killed_work = tmp_path / "work-killed"
-    env = {**os.environ, "CONINFER_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}  # one thread, as in this process
-    process = subprocess.Popen([sys.executable, "-m", "coninfer", *args("resumed", killed_work)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        progress = _wait_for_progress(process, killed_work)
-    finally:
-        process.kill()  # SIGKILL: no clean-up at all, like a power cut or the out-of-memory killer
-        _, stderr = process.communicate(timeout=60)
-    assert progress is not None, f"the run ended before its first encoder batch was stored: {stderr.decode()[-2000:]}"
-    assert process.returncode == -signal.SIGKILL
-    killed_at = _state(killed_work)["next_tile"]
-    assert 0 < killed_at < 42 and not (tmp_path / "resumed.tif").exists()
+    # the child kills itself (SIGKILL: no clean-up at all, like a power cut) right after its 3rd stored batch
+    env = {**os.environ, "CONINFER_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", STOP_AFTER_BATCHES_ENV: "3"}
+    process = subprocess.run([sys.executable, "-m", "coninfer", *args("resumed", killed_work)], env=env,
+                             capture_output=True, timeout=600)
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
+    assert not (tmp_path / "resumed.tif").exists()
+    assert not [p for p in tmp_path.iterdir() if TEMP_MARK in p.name]
 
     resumed = CliRunner().invoke(main, args("resumed", killed_work))
     assert resumed.exit_code == 0, resumed.output
-    assert json.loads((tmp_path / "resumed.json").read_text())["tiles"]["resumed_from"] == killed_at
+    assert json.loads((tmp_path / "resumed.json").read_text())["tiles"]["resumed_from"] == 3 * 2
     fresh = CliRunner().invoke(main, args("fresh", tmp_path / "work-fresh"))
     assert fresh.exit_code == 0, fresh.output
     assert (tmp_path / "resumed.tif").read_bytes() == (tmp_path / "fresh.tif").read_bytes()
     assert (tmp_path / "resumed-probs.tif").read_bytes() == (tmp_path / "fresh-probs.tif").read_bytes()
+
+
+def test_gis_outputs_colours_and_class_preset(tmp_path: Path) -> None:
+    """--colors reaches the colour table and the report; --confidence and --html are written; the class map has
+    its QGIS style and GDAL category names next to it; --classes-preset loads a benchmark's prompt list."""
+    source = scenes.multispectral(tmp_path / "scene.tif", count=3)
+    first = scenes.CLASS_NAMES[0]
+    result = _run(source, "--colors", f"{first}=#010203", "--confidence", str(tmp_path / "conf.tif"),
+                  "--html", str(tmp_path / "report.html"), "-q")
+    assert result.exit_code == 0, result.output
+    with rasterio.open(tmp_path / "out.tif") as src:
+        assert src.colormap(1)[0][:3] == (1, 2, 3)
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["classes"][0]["color"] == "#010203" and report["georeference"]["crs"]
+    with rasterio.open(tmp_path / "conf.tif") as src:
+        assert src.dtypes[0] == "uint8" and src.read(1)[:, scenes.NODATA_COLS :].min() > 0
+    assert "#010203" in (tmp_path / "report.html").read_text()
+    assert (tmp_path / "out.qml").exists() and (tmp_path / "out.tif.aux.xml").exists()
+
+    preset = _run(source, "--classes-preset", "openearthmap", "--overwrite", "-q", output="oem.tif")
+    assert preset.exit_code == 2 and "exactly one of --classes" in preset.output  # --classes given as well
+    args = [a for a in _args(source, "-q", output="oem.tif", classes=None)]
+    result = CliRunner().invoke(main, [*args, "--classes-preset", "openearthmap"])
+    assert result.exit_code == 0, result.output
+    names = [row["class_name"] for row in json.loads((tmp_path / "oem.json").read_text())["classes"]]
+    assert "building" in names and "water" in names
+
+
+def test_bad_colors_fail_before_any_work(tmp_path: Path) -> None:
+    source = scenes.multispectral(tmp_path / "scene.tif", count=3)
+    result = _run(source, "--colors", "lava=#ff0000")
+    assert result.exit_code == 2 and "--colors" in result.output and not (tmp_path / "out.tif").exists()
+
+
+def test_a_run_holding_the_outputs_stops_a_second_one(tmp_path: Path) -> None:
+    """The output lock: --overwrite does not silence it, and nothing is written."""
+    from coninfer._fs import hold_outputs
+
+    source = scenes.multispectral(tmp_path / "scene.tif", count=3)
+    with hold_outputs([tmp_path / "out.tif"]):
+        result = _run(source, "--overwrite")
+    assert result.exit_code == 2 and f"another run (process {os.getpid()}) is writing" in result.output
+    assert scenes.files_in(tmp_path) == {"scene.tif"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from coninfer.encoders.checkpoints import load_state_dict
-from coninfer.encoders.clip import build_tiny_clip
-from coninfer.encoders.load_clip import load_clip, to_open_clip_state_dict
+from coninfer.encoders.checkpoints import load_state_dict, local_fingerprint, weights_fingerprint
+from coninfer.encoders.load_clip import load_clip
+from coninfer.encoders.tiny import build_tiny_clip
 from coninfer.errors import CheckpointFormatError
+from exporters import to_open_clip_state_dict
 
 
 class _Node(torch.nn.Module):
@@ -113,3 +115,35 @@ class TestPickles:
             load_state_dict(path)
         save_file({"a": torch.zeros(1)}, str(path))
         assert set(load_state_dict(path)) == {"a"}
+
+
+class TestFingerprints:
+    def test_hub_cache_paths_name_repo_and_commit(self, tmp_path: Path) -> None:
+        snapshot = tmp_path / "hub" / "models--chendelong--RemoteCLIP" / "snapshots" / "0123abc"
+        assert weights_fingerprint(snapshot / "RemoteCLIP-ViT-B-32.pt") == "hub:chendelong/RemoteCLIP@0123abc"
+        assert weights_fingerprint(snapshot / "ckpt" / "x.pt") == "hub:chendelong/RemoteCLIP@0123abc"
+        assert weights_fingerprint(snapshot) == "hub:chendelong/RemoteCLIP@0123abc"
+        other = tmp_path / "cache" / "snapshots" / "fedcba9"
+        assert weights_fingerprint(other, repo_id="owner/name") == "hub:owner/name@fedcba9"
+
+    def test_local_files_by_path_size_and_time(self, tmp_path: Path) -> None:
+        path = tmp_path / "weights.safetensors"
+        path.write_bytes(b"a" * 16)
+        first = local_fingerprint(path)
+        assert first.startswith("local:") and len(first) == len("local:") + 16
+        assert weights_fingerprint(path) == first == local_fingerprint(path)
+        path.write_bytes(b"b" * 16)  # same path, same size
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        assert local_fingerprint(path) != first
+        copy = tmp_path / "copy.safetensors"
+        copy.write_bytes(path.read_bytes())
+        assert local_fingerprint(copy) != local_fingerprint(path)  # the path is part of it
+
+    def test_folder_ignores_unrelated_files(self, tmp_path: Path) -> None:
+        (tmp_path / "model.safetensors").write_bytes(b"w")
+        before = local_fingerprint(tmp_path)
+        (tmp_path / "notes.md").write_text("x")
+        assert local_fingerprint(tmp_path) == before
+        (tmp_path / "config.json").write_text("{}")
+        assert local_fingerprint(tmp_path) != before

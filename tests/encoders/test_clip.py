@@ -15,15 +15,16 @@ from coninfer.encoders.clip import (
     CLIP_MEAN,
     CLIP_STD,
     DenseCLIP,
-    _reference_dense_tokens,
-    build_tiny_clip,
     check_tokenizer,
     interpolate_position_embedding,
 )
-from coninfer.encoders.load_clip import load_clip, to_open_clip_state_dict
+from coninfer.encoders.load_clip import load_clip
+from coninfer.encoders.normalization import OPENAI_CLIP
+from coninfer.encoders.tiny import build_tiny_clip
 from coninfer.errors import InputError, ModelLoadError
 from coninfer.prompts import load_templates
 from coninfer.settings import VARIANTS, DenseCLIPSettings
+from exporters import REFERENCE_VARIANTS, reference_dense_tokens, to_open_clip_state_dict
 
 GOLDEN_KEYS = [
     "vanilla_res", "maskclip_res", "maskclip_nores", "sclip_res", "clearclip_nores", "segearth_nores_l0",
@@ -104,14 +105,14 @@ class TestGoldenParity:
 
 
 class TestAttentionPaths:
-    @pytest.mark.parametrize("variant", VARIANTS)
+    @pytest.mark.parametrize("variant", REFERENCE_VARIANTS)
     @pytest.mark.parametrize("attn_lambda", [0.0, 0.1, 0.6, 1.0])
     @pytest.mark.parametrize("ignore_residual", [True, False])
     def test_sdpa_matches_explicit_matrices(self, tiny, pixels, variant: str, attn_lambda: float,
                                             ignore_residual: bool) -> None:
         settings = DenseCLIPSettings(variant, ignore_residual, attn_lambda)
         fast_tokens, fast_cls = tiny.dense_tokens(pixels, settings, output_cls_token=True)
-        slow_tokens, slow_cls = _reference_dense_tokens(tiny, pixels, settings, output_cls_token=True)
+        slow_tokens, slow_cls = reference_dense_tokens(tiny, pixels, settings, output_cls_token=True)
         torch.testing.assert_close(fast_tokens, slow_tokens, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(fast_cls, slow_cls, atol=2e-5, rtol=1e-5)
 
@@ -192,6 +193,10 @@ class TestDenseCLIP:
         features = low.dense_features(pixels)
         assert features.dtype == torch.float32
         assert torch.nn.functional.cosine_similarity(features, reference, dim=-1).min() > 0.95
+
+    def test_normalization_and_fingerprint(self, tiny) -> None:
+        assert tiny.normalization == OPENAI_CLIP and (tiny.image_mean, tiny.image_std) == (CLIP_MEAN, CLIP_STD)
+        assert tiny.fingerprint == "tiny-random:0" and build_tiny_clip(seed=3).fingerprint == "tiny-random:3"
 
     def test_tiny_is_seeded(self, tiny, pixels) -> None:
         same = build_tiny_clip(seed=0)

@@ -1,4 +1,4 @@
-"""DenseVFM: dense patch features of DINOv3/DINOv2 (tiny random models; golden parity is in test_load_vfm)."""
+"""DenseVFM: dense patch features of DINOv3/DINOv2/other ViTs (tiny random models; golden parity: test_load_vfm)."""
 
 from __future__ import annotations
 
@@ -8,54 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coninfer.encoders.dinov3 import (
-    IMAGENET,
-    SAT493M,
-    DenseVFM,
-    Normalization,
-    build_tiny_dinov2,
-    build_tiny_dinov3,
-    normalization_for,
-    resolve_dtype,
-    resolve_normalization,
-)
+from coninfer.encoders.dinov3 import DenseVFM, resolve_dtype
+from coninfer.encoders.normalization import IMAGENET
+from coninfer.encoders.tiny import build_tiny_dinov2, build_tiny_dinov3
 from coninfer.errors import InputError
 
 
 def _images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
-
-
-class TestNormalization:
-    def test_sat_chosen_from_name(self) -> None:
-        assert normalization_for("timm/vit_large_patch16_dinov3.sat493m") == SAT493M
-        assert normalization_for("dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth") == SAT493M
-        assert normalization_for("timm/vit_huge_plus_patch16_dinov3.lvd1689m") == IMAGENET
-        assert normalization_for("facebook/dinov2-large") == IMAGENET
-        assert normalization_for("dinov3-l16-sat") == SAT493M
-        assert normalization_for("/data/satellite/dinov3-vitl16-pretrain-lvd1689m") == IMAGENET
-        assert normalization_for("/data/sat/dinov3-vitl16-pretrain-lvd1689m/") == IMAGENET
-        assert normalization_for("/data/models/dinov3-vitl16-pretrain-sat493m") == SAT493M
-        assert normalization_for("dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth") == SAT493M
-
-    def test_values(self) -> None:
-        assert SAT493M.mean == (0.430, 0.411, 0.296) and SAT493M.std == (0.213, 0.156, 0.143)
-        assert IMAGENET.mean == (0.485, 0.456, 0.406) and IMAGENET.std == (0.229, 0.224, 0.225)
-
-    def test_resolve_override(self) -> None:
-        assert resolve_normalization("imagenet", "x.sat493m") == IMAGENET
-        assert resolve_normalization("SAT493M", "lvd") == SAT493M
-        custom = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-        assert resolve_normalization(custom, "sat") is custom
-        with pytest.raises(InputError, match="unknown normalization"):
-            resolve_normalization("coco", "x")
-
-    @pytest.mark.parametrize(("mean", "std", "field"), [((0.5, 0.5), (0.2, 0.2, 0.2), "mean"),
-                                                         ((0.5, 0.5, 0.5), (0.2, 0.0, 0.2), "std"),
-                                                         ((120.0, 110.0, 100.0), (0.2, 0.2, 0.2), "mean")])
-    def test_bad_values_name_the_field(self, mean, std, field) -> None:
-        with pytest.raises(InputError, match=f"Normalization.{field}"):
-            Normalization(mean, std)
 
 
 class TestDenseVFM:
@@ -130,11 +90,38 @@ class TestDenseVFM:
         vfm = build_tiny_dinov3(seed=0).to_runtime("cpu")
         assert vfm.dtype == torch.float32 and vfm.device.type == "cpu"
 
-    def test_rejects_other_models(self) -> None:
+    def test_rejects_models_without_a_patch_grid(self) -> None:
         module = torch.nn.Linear(2, 2)
-        module.config = types.SimpleNamespace(model_type="clip_vision_model")
-        with pytest.raises(InputError, match="clip_vision_model"):
-            DenseVFM(module, name="clip")
+        module.config = types.SimpleNamespace(model_type="bert", hidden_size=2)
+        with pytest.raises(InputError, match="'bert' has no patch_size"):
+            DenseVFM(module, name="text")
+
+    def test_fingerprint(self) -> None:
+        assert build_tiny_dinov3(seed=7).fingerprint == "tiny-random:7"
+        assert DenseVFM(build_tiny_dinov3().model, name="mine").fingerprint == "unrecorded:mine"
+
+
+class TestOtherViTs:
+    """Any transformers ViT whose last_hidden_state is [cls, registers, patches] works, not only DINO."""
+
+    def _vit(self):
+        from transformers import ViTConfig, ViTModel
+
+        config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           patch_size=8, image_size=32)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return ViTModel(config, add_pooling_layer=False).eval()
+
+    def test_plain_vit(self) -> None:
+        model = self._vit()
+        vfm = DenseVFM(model, name="vit")
+        assert (vfm.patch_size, vfm.feature_dim, vfm.num_prefix_tokens, vfm.rope_periods) == (8, 32, 1, None)
+        images = _images(2, 48, 64)  # not the 32-px pretraining size: the position table is interpolated
+        tokens = model(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state
+        features = vfm.dense_features(images)
+        assert features.shape == (2, 6 * 8, 32)
+        torch.testing.assert_close(features, F.normalize(tokens[:, 1:], dim=-1))
 
 
 class TestResolveDtype:

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from coninfer.encoders.clip import DenseCLIP, build_tiny_clip
+from coninfer.encoders.clip import DenseCLIP
 from coninfer.encoders.load_clip import (
     convert_open_clip_state_dict,
     load_clip,
     load_tokenizer,
     save_clip_transformers,
-    to_open_clip_state_dict,
 )
+from coninfer.encoders.normalization import IMAGENET, OPENAI_CLIP
+from coninfer.encoders.tiny import build_tiny_clip
 from coninfer.errors import CheckpointFormatError, InputError, InputFileError, ModelLoadError, OutputError
 from coninfer.settings import DenseCLIPSettings
+from exporters import to_open_clip_state_dict
 
 TEXTS = ["a photo of a building.", "an aerial view of a road"]
 
@@ -84,6 +87,24 @@ class TestRoundTrips:
         loaded = load_clip(tmp_path / "model", settings="clearclip")
         assert loaded.settings == DenseCLIPSettings.for_variant("clearclip") and loaded.name == "model"
         assert_same_model(loaded, tiny, pixels)
+        assert loaded.normalization.mean == OPENAI_CLIP.mean and loaded.fingerprint.startswith("local:")
+
+    def test_folder_keeps_its_pixel_statistics(self, tiny, tmp_path: Path) -> None:
+        other = build_tiny_clip(seed=0)
+        other.normalization = IMAGENET
+        save_clip_transformers(other, tmp_path / "model")  # into preprocessor_config.json
+        assert load_clip(tmp_path / "model").normalization.mean == IMAGENET.mean
+        assert load_clip(tmp_path / "model", normalization="openai_clip").normalization == OPENAI_CLIP
+
+    def test_replaced_checkpoint_changes_the_fingerprint(self, open_clip_state, tokenizer_folder,
+                                                         tmp_path: Path) -> None:
+        path = tmp_path / "clip.safetensors"
+        save_file(open_clip_state, str(path))
+        first = load_clip(path, heads=4, text_heads=4, tokenizer=tokenizer_folder).fingerprint
+        save_file({name: tensor * 1.01 for name, tensor in open_clip_state.items()}, str(path))
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # coarse file-system clocks
+        assert load_clip(path, heads=4, text_heads=4, tokenizer=tokenizer_folder).fingerprint != first
 
     def test_transformers_folder_exists(self, tiny, tmp_path: Path) -> None:
         (tmp_path / "taken").mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -12,18 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from coninfer.encoders.dinov3 import IMAGENET, SAT493M, build_tiny_dinov2, build_tiny_dinov3
 from coninfer.encoders.load_vfm import (
     CONINFER_JSON,
+    PREPROCESSOR_JSON,
     detect_format,
-    export_meta_state_dict,
     load_timm_dinov3,
     load_vfm,
     meta_to_timm,
     save_vfm_transformers,
-    transformers_to_timm,
 )
+from coninfer.encoders.normalization import IMAGENET, SAT493M
+from coninfer.encoders.tiny import build_tiny_dinov2, build_tiny_dinov3
 from coninfer.errors import CheckpointFormatError, InputError, InputFileError, ModelLoadError, OutputError
+from exporters import export_meta_state_dict, transformers_to_timm
 
 META_STEMS = ("dinov3_vitl16sat_tiny", "dinov3_vith16plus_tiny")
 TIMM_STEMS = ("timm_dinov3_vitl16_tiny", "timm_dinov3_vith16plus_tiny", "timm_dinov3_vitl16qkvb_tiny")
@@ -87,7 +89,8 @@ class TestGoldenMeta:
         ratio, width = kwargs["ffn_ratio"], kwargs["embed_dim"]
         expected = 8 * math.ceil(2 / 3 * ratio * width / 8) if gated else int(ratio * width)
         assert hf.intermediate_size == expected
-        assert vfm.normalization == (SAT493M if "sat" in stem else IMAGENET)
+        assert vfm.normalization == IMAGENET  # a bare Meta file records no statistics; its name is not read
+        assert load_vfm(weights, normalization="sat493m").normalization == SAT493M
 
     def test_prenorm_and_rope_tables(self, golden_dir: Path) -> None:
         weights, _, arrays = _golden(golden_dir, "dinov3_vitl16sat_tiny")
@@ -222,7 +225,8 @@ class TestRoundTrips:
         images = _images()
         torch.testing.assert_close(loaded.patch_tokens(images), vfm.patch_tokens(images), rtol=0, atol=1e-6)
         torch.testing.assert_close(loaded.rope_periods, vfm.rope_periods, rtol=0, atol=0)
-        assert loaded.normalization == SAT493M  # chosen from the file name
+        assert loaded.normalization == IMAGENET  # "sat493m" in the file name is not read: nothing is recorded
+        assert load_vfm(tmp_path / "dinov3_tiny_sat493m.pth", normalization="sat493m").normalization == SAT493M
         torch.testing.assert_close(loaded.model.embeddings.mask_token, vfm.model.embeddings.mask_token)
 
     def test_meta_training_checkpoint_wrapper(self, tmp_path: Path) -> None:
@@ -262,9 +266,9 @@ class TestRoundTrips:
 
     def test_golden_meta_through_hf_folder(self, golden_dir: Path, tmp_path: Path) -> None:
         weights, _, arrays = _golden(golden_dir, "dinov3_vitl16sat_tiny")
-        save_vfm_transformers(load_vfm(weights), tmp_path / "hf")
+        save_vfm_transformers(load_vfm(weights, normalization="sat493m"), tmp_path / "hf")
         loaded = load_vfm(tmp_path / "hf")
-        assert loaded.normalization == SAT493M
+        assert loaded.normalization == SAT493M  # recorded in coninfer_vfm.json
         assert _max_abs(loaded.patch_tokens(_input(arrays)), arrays["x_norm_patchtokens"]) < TOLERANCE
 
     @pytest.mark.parametrize("registers", [0, 4])
@@ -276,20 +280,22 @@ class TestRoundTrips:
         torch.testing.assert_close(loaded.dense_features(images), vfm.dense_features(images), rtol=0, atol=1e-6)
         assert (loaded.patch_size, loaded.num_prefix_tokens, loaded.normalization) == (14, 1 + registers, SAT493M)
 
-    def test_plain_save_pretrained_folder(self, tmp_path: Path) -> None:
+    def test_plain_save_pretrained_folder(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         vfm = build_tiny_dinov3(6)
         vfm.model.save_pretrained(tmp_path / "dinov3-sat493m-copy")
         loaded = load_vfm(tmp_path / "dinov3-sat493m-copy")
         images = _images()
         torch.testing.assert_close(loaded.dense_features(images), vfm.dense_features(images), rtol=0, atol=1e-6)
-        assert loaded.normalization == SAT493M
+        assert loaded.normalization == IMAGENET  # no statistics recorded: ImageNet's, whatever the folder's name
+        assert "records no pixel statistics" in caplog.text
 
-    def test_sat_in_a_parent_folder_does_not_pick_sat_statistics(self, tmp_path: Path) -> None:
-        """Remote-sensing users keep models under folders like ``satellite/``: only the model's own name counts."""
-        vfm = build_tiny_dinov3(6)
-        folder = tmp_path / "satellite" / "sat" / "dinov3-vitl16-pretrain-lvd1689m"
-        vfm.model.save_pretrained(folder)
-        assert load_vfm(folder).normalization == IMAGENET
+    def test_preprocessor_config_records_statistics(self, tmp_path: Path) -> None:
+        folder = tmp_path / "dinov3-copy"
+        build_tiny_dinov3(6).model.save_pretrained(folder)
+        processor = {"image_mean": list(SAT493M.mean), "image_std": list(SAT493M.std), "do_normalize": True}
+        (folder / PREPROCESSOR_JSON).write_text(json.dumps(processor))
+        assert load_vfm(folder).normalization.mean == SAT493M.mean
+        assert load_vfm(folder, normalization="imagenet").normalization == IMAGENET
 
     def test_save_refuses_non_empty_folder(self, tmp_path: Path) -> None:
         (tmp_path / "taken").mkdir()
@@ -334,3 +340,40 @@ class TestRefusals:
         with pytest.raises(ModelLoadError, match=repo_id.replace(".", r"\.")) as raised:
             load_vfm(repo_id)
         assert "local path" in (raised.value.hint or "")
+
+
+class TestFingerprint:
+    def test_replaced_checkpoint_changes_the_fingerprint(self, tmp_path: Path) -> None:
+        path = tmp_path / "timm.safetensors"
+        save_file(transformers_to_timm(_tiny_with_biases(3)), path)
+        first = load_vfm(path, num_heads=4)
+        assert first.fingerprint.startswith("local:") and load_vfm(path, num_heads=4).fingerprint == first.fingerprint
+        save_file(transformers_to_timm(_tiny_with_biases(4)), path)  # same path, same size, other weights
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # coarse file-system clocks
+        assert load_vfm(path, num_heads=4).fingerprint != first.fingerprint
+
+    def test_folder_fingerprint_sees_its_weights(self, tmp_path: Path) -> None:
+        save_vfm_transformers(build_tiny_dinov3(0), tmp_path / "hf")
+        before = load_vfm(tmp_path / "hf").fingerprint
+        save_vfm_transformers(build_tiny_dinov3(1), tmp_path / "hf", overwrite=True)
+        weights = tmp_path / "hf" / "model.safetensors"
+        stat = weights.stat()
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        assert load_vfm(tmp_path / "hf").fingerprint != before
+
+
+class TestOtherViTFolders:
+    def test_plain_vit_folder_loads(self, tmp_path: Path) -> None:
+        from transformers import ViTConfig, ViTModel
+
+        config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           patch_size=8, image_size=32)
+        model = ViTModel(config, add_pooling_layer=False).eval()
+        model.save_pretrained(tmp_path / "vit")
+        loaded = load_vfm(tmp_path / "vit", normalization="imagenet")
+        images = _images(32, 48)
+        expected = torch.nn.functional.normalize(
+            model(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state[:, 1:], dim=-1)
+        torch.testing.assert_close(loaded.dense_features(images), expected, rtol=0, atol=1e-6)
+        assert (loaded.patch_size, loaded.num_prefix_tokens) == (8, 1)

@@ -1,4 +1,4 @@
-"""Model presets: the registry, the tiny models, where each preset's files come from, and clear errors."""
+"""Model presets and the loader registry: the tiny models, where each preset's files come from, clear errors."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 
 import coninfer.encoders.load_clip as load_clip
 import coninfer.encoders.load_vfm as load_vfm
-from coninfer.encoders import presets
+from coninfer.encoders import LOADERS, DenseEncoder, TextEncoder, get_loader, presets, register_loader
 from coninfer.encoders.checkpoints import hub_errors
 from coninfer.encoders.clip import DenseCLIP
 from coninfer.encoders.dinov3 import DenseVFM
+from coninfer.encoders.normalization import IMAGENET, OPENAI_CLIP, SAT493M, Normalization
 from coninfer.encoders.presets import PRESETS, ModelPreset, get_preset
 from coninfer.errors import InputError, ModelLoadError
 
@@ -53,6 +54,15 @@ class TestRegistry:
         assert presets.default_preset("vfm").name == "dinov3-l16-sat"
         assert sum(p.default for p in PRESETS.values()) == 2
 
+    def test_every_preset_has_a_loader_and_statistics(self):
+        for preset in PRESETS.values():
+            assert callable(get_loader(preset.role, preset.format)), preset.name
+            assert isinstance(preset.normalization, Normalization), preset.name
+        assert get_preset("dinov3-l16-sat", "vfm").normalization == SAT493M
+        assert get_preset("dinov3-l16-sat-meta", "vfm").normalization == SAT493M
+        assert get_preset("dinov3-h16plus-lvd", "vfm").normalization == IMAGENET  # LVD-1689M: ImageNet's
+        assert all(p.normalization == OPENAI_CLIP for p in PRESETS.values() if p.role == "vlm")
+
     def test_sources_fit_their_loaders(self):
         for preset in PRESETS.values():
             if preset.format == "timm":  # load_vfm fetches model.safetensors + config.json of a timm repo
@@ -70,10 +80,13 @@ class TestRegistry:
         with pytest.raises(ModelLoadError) as info, hub_errors("facebook/dinov3-vitl16-pretrain-sat493m"):
             raise GatedRepoError("Access to model is restricted", response=response)
         named = re.search(r"preset ([\w.-]+)", info.value.hint).group(1)
-        assert named in PRESETS and not PRESETS[named].gated and PRESETS[named].role == "vfm"
+        preset = get_preset(named, "vfm")
+        assert not preset.gated and preset.role == "vfm"
 
-    @pytest.mark.parametrize(("field", "changes"), [("role", {"role": "text"}), ("format", {"format": "onnx"}),
-                                                    ("filename", {"filename": None})])
+    @pytest.mark.parametrize(("field", "changes"), [("role", {"role": "text"}), ("format", {"format": "on nx"}),
+                                                    ("filename", {"filename": None}),
+                                                    ("source", {"source": "builtin"}),
+                                                    ("normalization", {"normalization": (0.5, 0.5, 0.5)})])
     def test_invalid_preset_names_the_field(self, field, changes):
         fields = {"name": "x", "role": "vfm", "source": "timm/x", "format": "timm", "licence": "MIT",
                   "description": "", "filename": "model.safetensors", **changes}
@@ -81,15 +94,45 @@ class TestRegistry:
             ModelPreset(**fields)
 
 
+class TestLoaderRegistry:
+    def test_builtin_formats_are_registered(self):
+        get_loader("vlm", "tiny")  # imports the built-in loader modules
+        assert {("vlm", "transformers"), ("vlm", "open_clip"), ("vlm", "tiny"), ("vfm", "transformers"),
+                ("vfm", "timm"), ("vfm", "meta"), ("vfm", "tiny")} <= set(LOADERS)
+
+    def test_unknown_format_names_the_known_ones(self):
+        with pytest.raises(ModelLoadError, match="no vfm loader for format 'onnx'") as info:
+            get_loader("vfm", "onnx")
+        assert "timm" in info.value.hint and "register_loader" in info.value.hint
+
+    def test_a_new_format_lands_in_one_place(self, monkeypatch):
+        """A registered loader plus a preset entry is all a new model family needs."""
+        monkeypatch.setattr(presets, "PRESETS", dict(PRESETS))
+        monkeypatch.setattr("coninfer.encoders.LOADERS", dict(LOADERS))
+        preset = ModelPreset("my-vit", "vfm", "owner/my-vit", "myformat", "MIT", "test", IMAGENET)
+        presets.PRESETS[("vfm", "my-vit")] = preset
+        calls = []
+
+        @register_loader("vfm", "myformat")
+        def load_mine(preset, *, device, dtype, **options):
+            calls.append((preset.name, device, dtype, options))
+            return "model"
+
+        assert presets.load_vfm("my-vit", num_heads=4) == "model"
+        assert calls == [("my-vit", "cpu", None, {"num_heads": 4})]
+        with pytest.raises(ValueError, match="already registered"):
+            register_loader("vfm", "myformat")(lambda preset, **kwargs: None)
+
+
 class TestGetPreset:
-    def test_tiny_random_serves_both_roles(self):
-        assert get_preset("tiny-random", "vlm").role == "vlm"
-        assert get_preset("tiny-random", "vfm").name == "tiny-random-vfm"
+    def test_tiny_random_is_a_preset_of_both_roles(self):
+        assert get_preset("tiny-random", "vlm").role == "vlm" and get_preset("tiny-random", "vfm").role == "vfm"
+        assert presets.is_preset("tiny-random", "vfm") and not presets.is_preset("clip-b16", "vfm")
 
     def test_unknown_name_lists_the_names(self):
         with pytest.raises(InputError, match="'clip-b99'") as info:
             get_preset("clip-b99")
-        assert all(name in info.value.hint for name in PRESETS)
+        assert all(preset.name in info.value.hint for preset in PRESETS.values())
 
     def test_wrong_role_lists_that_role(self):
         with pytest.raises(InputError, match="is a vlm preset") as info:
@@ -102,10 +145,13 @@ class TestTinyModels:
         model = presets.load_vlm("tiny-random", settings="clearclip")
         assert isinstance(model, DenseCLIP) and model.num_layers == 12 and model.has_text
         assert model.settings.variant == "clearclip" and model.dtype == torch.float32
+        assert model.fingerprint == "tiny-random:0" and model.normalization == OPENAI_CLIP
+        assert isinstance(model, DenseEncoder) and isinstance(model, TextEncoder)
 
     def test_tiny_vfm_is_seeded(self):
-        first, second = presets.load_vfm("tiny-random"), presets.load_vfm("tiny-random-vfm")
-        assert isinstance(first, DenseVFM)
+        first, second = presets.load_vfm("tiny-random"), presets.load_vfm("tiny-random")
+        assert isinstance(first, DenseVFM) and isinstance(first, DenseEncoder)
+        assert first.fingerprint == "tiny-random:0" and first.normalization == IMAGENET
         images = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(first.dense_features(images), second.dense_features(images), rtol=0, atol=0)
 
@@ -115,13 +161,13 @@ class TestLoaderRouting:
         calls = record(monkeypatch, load_vfm, "load_vfm")
         presets.load_vfm("dinov3-h16plus-lvd")
         assert calls == [("timm/vit_huge_plus_patch16_dinov3.lvd1689m",
-                          {"device": "cpu", "dtype": None, "format": "timm"})]
+                          {"device": "cpu", "dtype": None, "format": "timm", "normalization": IMAGENET})]
 
     def test_open_clip_preset_downloads_one_file(self, monkeypatch, hub_calls, tmp_path):
         calls = record(monkeypatch, load_clip, "load_clip")
         presets.load_vlm("remoteclip-b32")
         assert calls == [(tmp_path / "chendelong/RemoteCLIP/RemoteCLIP-ViT-B-32.pt",
-                          {"device": "cpu", "dtype": None, "activation": "gelu"})]
+                          {"device": "cpu", "dtype": None, "activation": "gelu", "normalization": OPENAI_CLIP})]
         assert hub_calls[0] == ("file", "chendelong/RemoteCLIP", "RemoteCLIP-ViT-B-32.pt")
         assert hub_calls[1][:2] == ("snapshot", load_clip.DEFAULT_TOKENIZER)  # for offline use later
 
@@ -130,8 +176,19 @@ class TestLoaderRouting:
         vfm_calls = record(monkeypatch, load_vfm, "load_vfm")
         presets.load_vlm("clip-b16", activation="gelu")
         presets.load_vfm("dinov2-l14")
-        assert clip_calls == [("openai/clip-vit-base-patch16", {"device": "cpu", "dtype": None, "activation": "gelu"})]
+        assert clip_calls == [("openai/clip-vit-base-patch16", {"device": "cpu", "dtype": None, "activation": "gelu",
+                                                                "normalization": OPENAI_CLIP})]
         assert vfm_calls[0][0] == "facebook/dinov2-large" and vfm_calls[0][1]["format"] == "transformers"
+
+    def test_explicit_normalization_overrides_the_preset(self, monkeypatch):
+        calls = record(monkeypatch, load_vfm, "load_vfm")
+        presets.load_vfm("dinov3-l16-sat", normalization="imagenet")
+        assert calls[0][1]["normalization"] == "imagenet"
+
+    def test_paths_go_to_the_detecting_loader(self, monkeypatch, tmp_path):
+        calls = record(monkeypatch, load_vfm, "load_vfm")
+        presets.load_vfm(str(tmp_path), num_heads=4)
+        assert calls == [(str(tmp_path), {"device": "cpu", "dtype": None, "num_heads": 4})]
 
 
 class TestDownload:
@@ -154,7 +211,7 @@ class TestDownload:
 
     def test_builtin_has_nothing_to_download(self):
         with pytest.raises(InputError, match="built in"):
-            presets.download("tiny-random-vfm")
+            presets.download("tiny-random")
 
 
 class TestSourceErrors:

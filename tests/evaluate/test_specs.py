@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import csv
+from importlib import resources
 
 import pytest
 import yaml
 
+from coninfer.encoders.normalization import IMAGENET, SAT493M
+from coninfer.encoders.presets import get_preset
 from coninfer.errors import InputError
 from coninfer.evaluate.specs import (
+    EVAL_VFM_NORMALIZATION_PRESET,
     ClassSpec,
     ConInferSettings,
     dataset_names,
@@ -54,8 +58,8 @@ class TestSettings:
     def test_label_encodings(self):
         reduce = {n for n in dataset_names() if load_dataset_spec(n).label_encoding.reduce_zero_label}
         assert reduce == {"LoveDA", "Potsdam", "Vaihingen"}
-        assert load_dataset_spec("Potsdam").coninfer.bg_idx == 5
-        assert load_dataset_spec("UDD5").coninfer.bg_idx == 4
+        assert load_dataset_spec("Potsdam").coninfer.bg_index == 5
+        assert load_dataset_spec("UDD5").coninfer.bg_index == 4
 
     def test_class_lines_are_prompt_file_lines(self):
         spec = load_dataset_spec("iSAID")
@@ -73,6 +77,33 @@ class TestSettings:
             ConInferSettings(0.5, 0, 50.0, 0.6, 5.0, "resnet50", "sat493m")
 
 
+class TestVfmNormalization:
+    """The eval protocol's VFM statistics come from the presets, SAT-493M for every DINOv3 as in the reference code."""
+
+    def test_every_dataset_gets_the_sat493m_statistics_of_the_presets(self):
+        sat = get_preset(EVAL_VFM_NORMALIZATION_PRESET, "vfm").normalization
+        assert sat == SAT493M
+        for name in dataset_names():
+            config = load_dataset_spec(name).coninfer
+            assert config.vfm_normalization == sat, name
+            assert (config.vfm_mean, config.vfm_std) == (SAT493M.mean, SAT493M.std)
+
+    def test_lvd_vit_h_is_an_explicit_override(self):
+        """UAVid's ViT-H+ LVD-1689M was trained on ImageNet statistics; the protocol overrides them."""
+        config = load_dataset_spec("UAVid").coninfer
+        assert config.vfm_preset == "dinov3-h16plus-lvd"
+        assert get_preset(config.vfm_preset, "vfm").normalization == IMAGENET != config.vfm_normalization
+        assert load_dataset_spec("Potsdam").coninfer.vfm_preset == "dinov3-l16-sat"
+
+    def test_presets_agree_with_the_recorded_reference(self):
+        """datasets.yaml records what the reference code normalises with; the preset must give the same numbers."""
+        text = resources.files("coninfer").joinpath("data", "datasets.yaml").read_text(encoding="utf-8")
+        reference = yaml.safe_load(text)["defaults"]["dinov3"]
+        normalization = load_dataset_spec("LoveDA").coninfer.vfm_normalization
+        assert normalization.mean == pytest.approx(reference["normalize_mean"], abs=0)
+        assert normalization.std == pytest.approx(reference["normalize_std"], abs=0)
+
+
 class TestAgainstSharedSpec:
     def test_classes_settings_and_layout_match(self, spec_dir):
         shared = yaml.safe_load((spec_dir / "datasets.yaml").read_text())["datasets"]
@@ -81,8 +112,9 @@ class TestAgainstSharedSpec:
             spec = load_dataset_spec(name)
             assert [list(c.queries) for c in spec.classes] == [c["coninfer_queries"] for c in raw["classes"]], name
             assert spec.class_names == tuple(c["name"] for c in raw["classes"])
-            for field in ("prob_thd", "bg_idx", "attn_lambda", "gmm_temp", "logit_scale"):
-                assert getattr(spec.coninfer, field) == raw["coninfer"][field], (name, field)
+            for field, key in (("prob_thd", "prob_thd"), ("bg_index", "bg_idx"), ("attn_lambda", "attn_lambda"),
+                               ("gmm_temp", "gmm_temp"), ("logit_scale", "logit_scale")):
+                assert getattr(spec.coninfer, field) == raw["coninfer"][key], (name, field)
             assert spec.coninfer.vfm_backbone in raw["coninfer"]["dinov3_backbone"]
             assert spec.coninfer.vfm_weights in raw["coninfer"]["dinov3_backbone"]
             assert spec.label_encoding.reduce_zero_label == raw["label_encoding"]["reduce_zero_label"]

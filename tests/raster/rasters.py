@@ -12,7 +12,9 @@ import numpy as np
 import rasterio
 from affine import Affine
 from PIL import Image
-from rasterio.enums import ColorInterp
+from rasterio.control import GroundControlPoint
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.rpc import RPC
 
 CRS = "EPSG:25832"
 TRANSFORM = Affine(0.5, 0.0, 346000.0, 0.0, -0.5, 5648000.0)
@@ -101,3 +103,81 @@ def plain_png(path: Path, *, rgba: bool = False, seed: int = 0) -> np.ndarray:
         data[:, :NODATA_COLS, 3] = 0
     Image.fromarray(data, "RGBA" if rgba else "RGB").save(path)
     return np.moveaxis(data, -1, 0)
+
+
+GCPS = (  # the corners of TRANSFORM's grid: from_gcps gives TRANSFORM back
+    (0, 0, 346000.0, 5648000.0),
+    (0, WIDTH, 346000.0 + 0.5 * WIDTH, 5648000.0),
+    (HEIGHT, 0, 346000.0, 5648000.0 - 0.5 * HEIGHT),
+    (HEIGHT, WIDTH, 346000.0 + 0.5 * WIDTH, 5648000.0 - 0.5 * HEIGHT),
+)
+"""(row, col, x, y) of the GCP raster's control points, in EPSG:25832."""
+
+
+def gcp_uint8(path: Path, *, seed: int = 0) -> np.ndarray:
+    """3-band uint8 GeoTIFF placed by 4 GCPs (EPSG:25832), no geotransform. Returns (3, H, W)."""
+    gcps = [GroundControlPoint(row=r, col=c, x=x, y=y, id=str(i)) for i, (r, c, x, y) in enumerate(GCPS)]
+    data = np.random.default_rng(seed).integers(0, 256, (3, HEIGHT, WIDTH), dtype=np.uint8)
+    profile = {k: v for k, v in _profile(3, "uint8").items() if k != "transform"}
+    with rasterio.open(path, "w", **{**profile, "gcps": gcps}) as dst:
+        dst.write(data)
+    return data
+
+
+RPCS = RPC(
+    height_off=100.0, height_scale=50.0, lat_off=50.94, lat_scale=0.01, long_off=6.96, long_scale=0.01,
+    line_off=26.0, line_scale=27.0, samp_off=37.0, samp_scale=38.0,
+    line_num_coeff=[0.0, 0.0, -1.0] + [0.0] * 17, line_den_coeff=[1.0] + [0.0] * 19,
+    samp_num_coeff=[0.0, 1.0] + [0.0] * 18, samp_den_coeff=[1.0] + [0.0] * 19,
+)
+"""Affine RPCs (lon/lat around Köln) for the RPC raster."""
+
+
+def rpc_uint8(path: Path, *, seed: int = 0) -> None:
+    """3-band uint8 GeoTIFF with RPCs only (no CRS, no geotransform, no GCPs)."""
+    data = np.random.default_rng(seed).integers(0, 256, (3, HEIGHT, WIDTH), dtype=np.uint8)
+    profile = {k: v for k, v in _profile(3, "uint8").items() if k not in ("transform", "crs")}
+    with rasterio.open(path, "w", **{**profile, "rpcs": RPCS}) as dst:
+        dst.write(data)
+
+
+PALETTE = {0: (255, 0, 0, 255), 1: (0, 255, 0, 255), 2: (0, 0, 255, 255), 3: (0, 0, 0, 0)}
+"""Colour table of the paletted raster; index 3 is transparent."""
+
+
+def paletted(path: Path, *, seed: int = 0) -> np.ndarray:
+    """1-band uint8 GeoTIFF of indexes 0..3 with the PALETTE colour table. Returns the (H, W) indexes."""
+    index = np.random.default_rng(seed).integers(0, 4, (HEIGHT, WIDTH), dtype=np.uint8)
+    with rasterio.open(path, "w", **_profile(1, "uint8", photometric="palette")) as dst:
+        dst.write(index, 1)
+        dst.write_colormap(1, PALETTE)
+    return index
+
+
+def float_with_fill(path: Path, fill: float, *, count: int = 3, seed: int = 0) -> np.ndarray:
+    """``count``-band float32 GeoTIFF without a nodata tag whose first NODATA_COLS columns hold ``fill``;
+    values elsewhere in 100..200. Returns (count, H, W)."""
+    data = np.random.default_rng(seed).uniform(100.0, 200.0, (count, HEIGHT, WIDTH)).astype(np.float32)
+    data[:, :, :NODATA_COLS] = fill
+    with rasterio.open(path, "w", **_profile(count, "float32")) as dst:
+        dst.write(data)
+    return data
+
+
+def multipage(path: Path, *, pages: int = 3) -> None:
+    """Multi-page RGB TIFF (no georeferencing); page p (1-based) is filled with 50 * p."""
+    images = [Image.fromarray(np.full((HEIGHT, WIDTH, 3), 50 * p, np.uint8)) for p in range(1, pages + 1)]
+    images[0].save(path, save_all=True, append_images=images[1:])
+
+
+def tiled(
+    path: Path, data: np.ndarray, *, block: int = 64, nodata: float | None = None, overviews: bool = False
+) -> None:
+    """GeoTIFF of ``data`` (bands, h, w), tiled in ``block``² deflate blocks, optionally with overviews."""
+    count, height, width = data.shape
+    profile = {**_profile(count, str(data.dtype), nodata=nodata), "width": width, "height": height}
+    profile.update(tiled=True, blockxsize=block, blockysize=block, compress="deflate")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        if overviews:
+            dst.build_overviews([2, 4, 8], Resampling.nearest)

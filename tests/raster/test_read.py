@@ -215,3 +215,144 @@ class TestBadInput:
         rasters.nodata_only(tmp_path / "empty.tif")
         scene = open_scene(tmp_path / "empty.tif")
         assert scene_is_empty(scene) and scene.valid_fraction == 0.0
+
+
+class TestValidityRule:
+    def test_a_pixel_is_valid_when_any_band_is(self, tmp_path: Path) -> None:
+        """GDAL's dataset-mask rule (.any over the bands' masks): one channel at nodata keeps the pixel."""
+        data = np.full((3, H, W), 500, np.uint16)
+        data[0, :, :5] = 0  # one band at nodata: still valid
+        data[:, :, 5:NODATA_COLS] = 0  # every band at nodata: invalid
+        rasters.tiled(tmp_path / "t.tif", data, nodata=0)
+        scene = open_scene(tmp_path / "t.tif")
+        _, valid = read_window(scene, FULL)
+        assert valid[:, :5].all() and not valid[:, 5:NODATA_COLS].any() and valid[:, NODATA_COLS:].all()
+
+
+class TestPalette:
+    def test_expanded_to_rgb_by_default(self, tmp_path: Path) -> None:
+        index = rasters.paletted(tmp_path / "p.tif")
+        scene = open_scene(tmp_path / "p.tif")
+        assert scene.expanded_palette and scene.bands == (1, 1, 1) and scene.stretch is None
+        rgb, valid = read_window(scene, FULL)
+        table = np.array([rasters.PALETTE[i] for i in range(4)], np.uint8)
+        np.testing.assert_array_equal(rgb[:, valid], np.moveaxis(table[index][..., :3], -1, 0)[:, valid])
+        np.testing.assert_array_equal(valid, index != 3)  # the transparent entry is invalid
+        assert scene.valid_fraction == pytest.approx((index != 3).mean(), abs=1e-9)
+
+    def test_bands_1_reads_colours_not_indexes(self, tmp_path: Path) -> None:
+        index = rasters.paletted(tmp_path / "p.tif")
+        scene = open_scene(tmp_path / "p.tif", bands=[1])
+        rgb, _ = read_window(scene, FULL)
+        assert scene.expanded_palette
+        assert (rgb[0][index == 0] == 255).all() and (rgb[1][index == 0] == 0).all()
+
+    def test_paletted_band_among_three_is_refused(self, tmp_path: Path) -> None:
+        rasters.paletted(tmp_path / "p.tif")
+        with rasterio.open(tmp_path / "p.tif") as src:
+            profile = {**src.profile, "count": 3, "photometric": "minisblack"}
+        rasters.rgb_uint8(tmp_path / "rgb.tif")
+        scene = open_scene(tmp_path / "rgb.tif", bands=[1])
+        assert not scene.expanded_palette and profile["count"] == 3  # plain grey bands are not paletted
+
+
+class TestFillValues:
+    @pytest.mark.parametrize("fill", [-3.4028234663852886e38, 3.4028234663852886e38, -1e38, -9999.0])
+    def test_flagged_warned_and_left_out_of_the_stretch(self, tmp_path: Path, caplog, fill: float) -> None:
+        rasters.float_with_fill(tmp_path / "f.tif", fill)
+        with caplog.at_level("WARNING", logger="coninfer.raster.read"):
+            scene = open_scene(tmp_path / "f.tif")
+        assert scene.fill_values == (float(np.float32(fill)),)
+        for low, high in scene.stretch:
+            assert 100.0 <= low < high <= 200.0
+        (record,) = caplog.records
+        message = record.getMessage()
+        assert "\n" not in message and "--nodata" in message and str(np.float32(fill)).rstrip("0").rstrip(".") in message
+
+    def test_rare_minus_9999_is_not_a_fill(self, tmp_path: Path) -> None:
+        data = rasters.float_with_fill(tmp_path / "f.tif", 150.0)
+        data[:, 0, 0] = -9999.0  # one pixel: below 1 % of the samples
+        rasters.tiled(tmp_path / "g.tif", data)
+        assert open_scene(tmp_path / "g.tif").fill_values == ()
+
+    def test_minus_9999_above_the_minimum_is_not_a_fill(self, tmp_path: Path) -> None:
+        data = rasters.float_with_fill(tmp_path / "f.tif", -9999.0)
+        data[:, 0, NODATA_COLS:] = -20000.0  # a lower value exists: -9999 is not the band's minimum
+        rasters.tiled(tmp_path / "g.tif", data)
+        assert open_scene(tmp_path / "g.tif").fill_values == ()
+
+    def test_explicit_nodata_masks_them(self, tmp_path: Path, caplog) -> None:
+        rasters.float_with_fill(tmp_path / "f.tif", -3.4028234663852886e38)
+        with caplog.at_level("WARNING"):
+            scene = open_scene(tmp_path / "f.tif", nodata=-3.4028235e38)
+        assert scene.nodata_explicit and scene.fill_values == () and not caplog.records
+        _, valid = read_window(scene, FULL)
+        assert not valid[:, :NODATA_COLS].any() and valid[:, NODATA_COLS:].all()
+        assert scene.valid_fraction == pytest.approx((W - NODATA_COLS) / W, abs=0.02)
+
+    def test_nan_values_are_invalid(self, tmp_path: Path) -> None:
+        rasters.float_with_fill(tmp_path / "f.tif", float("nan"))
+        scene = open_scene(tmp_path / "f.tif")
+        _, valid = read_window(scene, FULL)
+        assert scene.fill_values == () and not valid[:, :NODATA_COLS].any()
+        for low, high in scene.stretch:
+            assert 100.0 <= low < high <= 200.0
+
+
+class TestExplicitNodata:
+    def test_replaces_the_files_nodata(self, tmp_path: Path) -> None:
+        data = rasters.multispectral_uint16(tmp_path / "ms.tif", nodata=0)
+        value = int(data[2, 0, NODATA_COLS])
+        scene = open_scene(tmp_path / "ms.tif", bands=[3], nodata=value)
+        _, valid = read_window(scene, FULL)
+        assert scene.nodata == value
+        np.testing.assert_array_equal(valid, data[2] != value)  # 0 is no longer nodata
+
+    @pytest.mark.parametrize("value", [-1, 256, 1.5, float("nan")])
+    def test_a_value_the_type_cannot_hold(self, tmp_path: Path, value: float) -> None:
+        rasters.rgb_uint8(tmp_path / "a.tif")
+        with pytest.raises(InputError, match="is not a uint8 value") as info:
+            open_scene(tmp_path / "a.tif", nodata=value)
+        assert "--nodata" in info.value.hint
+
+
+class TestPagesAndVirtualPaths:
+    def test_multipage_tiff_warns_and_names_the_syntax(self, tmp_path: Path, caplog) -> None:
+        rasters.multipage(tmp_path / "m.tif")
+        with caplog.at_level("WARNING", logger="coninfer.raster.read"):
+            scene = open_scene(tmp_path / "m.tif")
+        assert scene.pages == 3
+        (record,) = caplog.records
+        assert "3 pages" in record.getMessage() and "GTIFF_DIR:N:" in record.getMessage()
+        rgb, _ = read_window(scene, FULL)
+        assert (rgb == 50).all()
+
+    def test_a_page_by_name(self, tmp_path: Path, caplog) -> None:
+        rasters.multipage(tmp_path / "m.tif")
+        with caplog.at_level("WARNING"):
+            scene = open_scene(f"GTIFF_DIR:2:{tmp_path / 'm.tif'}")
+        assert isinstance(scene.path, str) and not caplog.records
+        rgb, _ = read_window(scene, FULL)
+        assert (rgb == 100).all()
+
+    def test_vsizip_path_is_opened_and_kept_as_text(self, tmp_path: Path) -> None:
+        import zipfile
+
+        data = rasters.rgb_uint8(tmp_path / "a.tif")
+        with zipfile.ZipFile(tmp_path / "z.zip", "w") as archive:
+            archive.write(tmp_path / "a.tif", "inner/a.tif")
+        name = f"/vsizip/{tmp_path / 'z.zip'}/inner/a.tif"
+        scene = open_scene(name)
+        assert scene.path == name
+        np.testing.assert_array_equal(read_window(scene, FULL)[0], data)
+
+    def test_missing_member_of_a_virtual_path(self, tmp_path: Path) -> None:
+        with pytest.raises(InputFileError, match="cannot read /vsizip/") as info:
+            open_scene(f"/vsizip/{tmp_path}/nope.zip/a.tif")
+        assert "does not exist" not in str(info.value)
+
+    def test_double_slashes_are_kept(self) -> None:
+        from coninfer.raster.source import source_path
+
+        assert source_path("/vsicurl/https://example.com//a.tif") == "/vsicurl/https://example.com//a.tif"
+        assert source_path("s3://bucket/a.tif") == "s3://bucket/a.tif"

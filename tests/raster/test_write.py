@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import json
+import os
 from pathlib import Path
 
 import fiona
@@ -40,6 +43,8 @@ from coninfer.raster import (
     write_vectors,
 )
 from coninfer.raster import write as write_module
+from coninfer.raster.style import class_colors
+from coninfer.raster.write import ConfidenceWriter
 
 NAMES = ["background", "building", "road", "tree"]
 # 1200 x 700: larger than one 512 COG block, so the COG gets an overview; not a multiple of the block size
@@ -58,6 +63,31 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def _gdal_category_names(path: Path) -> list[str]:
+    """Band 1's category names as GDAL itself reads them (rasterio has no API for them): the C API of the
+    libgdal bundled with rasterio, through ctypes."""
+    libraries = glob.glob(os.path.join(os.path.dirname(rasterio.__file__) + ".libs", "libgdal*"))
+    if not libraries:
+        pytest.skip("no bundled libgdal next to rasterio to call GDALGetRasterCategoryNames")
+    gdal = ctypes.CDLL(libraries[0])
+    gdal.GDALOpen.restype = gdal.GDALGetRasterBand.restype = ctypes.c_void_p
+    gdal.GDALOpen.argtypes, gdal.GDALGetRasterBand.argtypes = [ctypes.c_char_p, ctypes.c_int], [ctypes.c_void_p, ctypes.c_int]
+    gdal.GDALGetMetadata.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    gdal.GDALGetRasterCategoryNames.restype = ctypes.POINTER(ctypes.c_char_p)
+    gdal.GDALGetRasterCategoryNames.argtypes = gdal.GDALClose.argtypes = [ctypes.c_void_p]
+    gdal.GDALAllRegister()
+    dataset = gdal.GDALOpen(str(path).encode(), 0)
+    try:
+        gdal.GDALGetMetadata(dataset, None)  # GTiff loads the .aux.xml lazily, on its first metadata request
+        names = gdal.GDALGetRasterCategoryNames(gdal.GDALGetRasterBand(dataset, 1))
+        found = []
+        while names and names[len(found)]:
+            found.append(names[len(found)].decode())
+        return found
+    finally:
+        gdal.GDALClose(dataset)
+
+
 class TestClassMap:
     def test_cog_georef_colours_names(self, tmp_path: Path) -> None:
         labels = _labels()
@@ -72,10 +102,18 @@ class TestClassMap:
             assert json.loads(src.tags()["CLASS_NAMES"]) == NAMES
             assert src.tags(1)["CLASS_1"] == "building"
             colormap = src.colormap(1)
-            assert [colormap[i][:3] for i in range(4)] == default_colors(4)
+            assert [colormap[i][:3] for i in range(4)] == class_colors(NAMES)
             assert colormap[255][3] == 0
             np.testing.assert_array_equal(src.read(1), labels)
+        assert _leftovers(tmp_path) == ["classes.qml", "classes.tif", "classes.tif.aux.xml"]
+        assert _gdal_category_names(path) == NAMES
+        qml = (tmp_path / "classes.qml").read_text()
+        assert qml.count("<paletteEntry") == 4 and 'label="building"' in qml
+
+    def test_without_sidecars(self, tmp_path: Path) -> None:
+        write_class_map(tmp_path / "classes.tif", _labels(), GEOREF, NAMES, sidecars=False)
         assert _leftovers(tmp_path) == ["classes.tif"]
+        assert _gdal_category_names(tmp_path / "classes.tif") == []
 
     def test_block_wise_equals_whole(self, tmp_path: Path) -> None:
         labels = _labels()
@@ -147,6 +185,34 @@ class TestProbabilities:
             assert (src.read() == 128).all() and src.descriptions == tuple(NAMES[:2])
 
 
+class TestConfidence:
+    def test_top_probability_and_mask(self, tmp_path: Path) -> None:
+        georef = Georef(75, 53, GEOREF.crs, GEOREF.transform)
+        probs = np.random.default_rng(1).dirichlet(np.ones(4), (53, 75)).transpose(2, 0, 1).astype(np.float32)
+        valid = np.ones((53, 75), bool)
+        valid[40:, :] = False
+        with ConfidenceWriter(tmp_path / "conf.tif", georef) as writer:
+            for window in block_windows(75, 53, 32):
+                writer.write(window, probs[(slice(None), *window.toslices())], valid[window.toslices()])
+        with rasterio.open(tmp_path / "conf.tif") as src:
+            assert (src.count, src.dtypes[0], src.descriptions, src.nodata) == (1, "uint8", ("confidence",), None)
+            assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and src.crs == georef.crs
+            data, mask = src.read(1), src.dataset_mask()
+        np.testing.assert_array_equal(mask > 0, valid)
+        np.testing.assert_array_equal(data[valid], np.rint(probs.max(axis=0) * 255).astype(np.uint8)[valid])
+        assert (data[~valid] == 0).all() and data[valid].min() >= 255 // 4
+        assert _leftovers(tmp_path) == ["conf.tif"]
+
+    def test_accepts_precomputed_maximum(self, tmp_path: Path) -> None:
+        georef = Georef(20, 10, GEOREF.crs, GEOREF.transform)
+        with ConfidenceWriter(tmp_path / "conf.tif", georef) as writer:
+            writer.write(Window(0, 0, 20, 10), np.full((10, 20), 0.5, np.float32))
+            with pytest.raises(ValueError, match="does not match window"):
+                writer.write(Window(0, 0, 20, 10), np.zeros((2, 5, 20), np.float32))
+        with rasterio.open(tmp_path / "conf.tif") as src:
+            assert (src.read(1) == 128).all() and (src.dataset_mask() == 255).all()
+
+
 class TestVectors:
     @pytest.mark.parametrize("suffix", [".gpkg", ".geojson"])
     def test_polygons_per_class(self, tmp_path: Path, suffix: str) -> None:
@@ -157,6 +223,7 @@ class TestVectors:
             assert CRS.from_user_input(src.crs).to_epsg() == 25832
             features = list(src)
         assert [f.properties["class_name"] for f in features] == NAMES
+        assert [f.properties["color"] for f in features] == ["#303030", "#d7191c", "#8c8c8c", "#1a6e28"]
         assert all(f.geometry.type == "MultiPolygon" for f in features)
         counts = count_classes(labels, len(NAMES))
         for feature in features:
@@ -165,7 +232,7 @@ class TestVectors:
             assert feature.properties["area_unit"] == "m2"
         stats = class_statistics(counts, NAMES, GEOREF)
         assert sum(f.properties["area"] for f in features) == pytest.approx(sum(s["area"] for s in stats))
-        assert _leftovers(tmp_path) == sorted(["classes.tif", f"classes{suffix}"])
+        assert _leftovers(tmp_path) == sorted(["classes.qml", "classes.tif", "classes.tif.aux.xml", f"classes{suffix}"])
 
     def test_array_input_holes_and_absent_class(self, tmp_path: Path) -> None:
         labels = np.zeros((20, 30), np.uint8)
@@ -219,7 +286,7 @@ class TestPreview:
         assert image.shape[0] == 175 and image.shape[1] > 300  # 300 x 175 image + legend panel
         assert (image[0, 0] == 100).all()  # top rows invalid: image only
         label = labels[174 * 700 // 175, 25 * 1200 // 300]  # nearest sample of preview pixel (174, 25)
-        expected = np.rint(0.5 * 100 + 0.5 * np.array(default_colors(4)[label], float))
+        expected = np.rint(0.5 * 100 + 0.5 * np.array(class_colors(NAMES)[label], float))
         np.testing.assert_array_equal(image[174, 25], expected)
         assert _leftovers(tmp_path) == ["preview.png"]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 
 import click
@@ -20,6 +21,10 @@ _SUBCOMMANDS = {
     "models": ("coninfer.cli.models", "models", "List, download and convert model presets."),
     "data": ("coninfer.cli.data", "data", "Prepare benchmark datasets."),
 }
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 class _LazyGroup(click.Group):
@@ -41,6 +46,9 @@ class _LazyGroup(click.Group):
         """Usage errors as one line naming the problem and where help is (click prints three by default)."""
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        # SIGTERM (timeout, docker stop, batch schedulers) unwinds like Ctrl-C, so every `finally` removes its
+        # temporary files; the exit status is the shell's 128 + SIGTERM
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as error:
@@ -50,9 +58,9 @@ class _LazyGroup(click.Group):
         except click.ClickException as error:
             click.echo(f"Error: {error.format_message()}", err=True)
             sys.exit(error.exit_code)
-        except click.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(1)
+        except (click.Abort, KeyboardInterrupt):  # Ctrl-C: the shell's convention, 128 + SIGINT
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context):
@@ -76,8 +84,3 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     ctx.obj["debug"] = debug
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
-
-
-def fail(message: str, hint: str | None = None) -> None:
-    """Raise the one-line CLI error for problems found while parsing options."""
-    raise ConInferError(message, hint=hint)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from coninfer.encoders.normalization import NAMED
 from coninfer.errors import OutputError
 
 EXAMPLES = """
@@ -17,7 +18,7 @@ Examples:
   coninfer models list
   coninfer models download dinov3-l16-sat
   coninfer models convert RemoteCLIP-ViT-B-32.pt remoteclip-hf --role vlm --activation gelu
-  coninfer models convert dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth dinov3-l16-hf --role vfm
+  coninfer models convert dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth dinov3-l16-hf --role vfm --normalization sat493m
 """
 
 
@@ -66,12 +67,17 @@ def download(name: str) -> None:
 @click.option("--tokenizer", default=None,
               help="vlm only: tokenizer folder or hub id for a checkpoint file with a text tower "
               "[default: openai/clip-vit-base-patch16].")
+@click.option("--normalization", type=click.Choice(sorted(NAMED)), default=None,
+              help="Pixel statistics the weights were trained with, recorded in OUTPUT [default: those recorded "
+              "with SOURCE (preset, config files); else ImageNet's for a VFM, OpenAI CLIP's for a VLM]. A bare "
+              "Meta .pth records none: pass sat493m for SAT-493M weights.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is a model folder.")
 def convert(source: str, output: Path, role: str, heads: int | None, text_heads: int | None,
-            activation: str | None, tokenizer: str | None, overwrite: bool) -> None:
+            activation: str | None, tokenizer: str | None, normalization: str | None, overwrite: bool) -> None:
     """Convert SOURCE (preset, file or folder in any supported format) into a transformers folder OUTPUT.
 
-    OUTPUT loads back with --vlm OUTPUT / --vfm OUTPUT and gives the same outputs as SOURCE.
+    OUTPUT loads back with --vlm OUTPUT / --vfm OUTPUT and gives the same outputs as SOURCE, pixel statistics
+    included.
     """
     from coninfer.encoders import presets
 
@@ -80,7 +86,7 @@ def convert(source: str, output: Path, role: str, heads: int | None, text_heads:
         from coninfer.encoders.load_clip import save_clip_transformers
 
         model = presets.load_vlm(source, heads=heads, text_heads=text_heads, activation=activation,
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer, normalization=normalization)
         _write_folder(output, lambda folder: save_clip_transformers(model, folder))
     else:
         from coninfer.encoders.load_vfm import save_vfm_transformers
@@ -89,7 +95,7 @@ def convert(source: str, output: Path, role: str, heads: int | None, text_heads:
                                               ("--tokenizer", tokenizer)) if value is not None]
         if clip_only:
             raise click.UsageError(f"only for --role vlm: {', '.join(clip_only)}")
-        model = presets.load_vfm(source, num_heads=heads)
+        model = presets.load_vfm(source, num_heads=heads, normalization=normalization)
         _write_folder(output, lambda folder: save_vfm_transformers(model, folder))
     click.echo(f"wrote {output} (use it as --{role} {output})")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -11,6 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from coninfer._fs import atomic_path, write_error
 from coninfer.errors import InputError, InputFileError, OutputError
 
 EXAMPLES = """
@@ -54,24 +53,12 @@ def _check_paths(input_path: Path, output: Path, overwrite: bool) -> None:
 
 def _write_atomically(output: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an .npz to a temporary file beside ``output``, then rename it, so no partial file is ever left."""
-    descriptor, temp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            np.savez(handle, **arrays)
-        temp.chmod(0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(temp, output)
-    except BaseException as error:
-        temp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OutputError(f"cannot write {output}: {error}", hint="check the folder's permissions and space") from error
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_path(output) as temporary:
+        try:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **arrays)
+        except OSError as error:
+            raise write_error(output, error) from error
 
 
 @click.command("refine", epilog=EXAMPLES)

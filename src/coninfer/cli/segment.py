@@ -6,7 +6,10 @@ from pathlib import Path
 
 import click
 
+from coninfer.cli._options import method_options, model_options, scene_options
 from coninfer.errors import InputError
+from coninfer.outputs import KINDS
+from coninfer.settings import InferenceSettings
 
 EXAMPLES = """
 \b
@@ -17,83 +20,89 @@ Examples:
   coninfer segment scene.tif -o t.tif --classes "a;b" --vlm tiny-random --vfm tiny-random   # offline smoke test
 """
 
+_POST = InferenceSettings().post
+
+
+def _output_option(name: str):
+    kind = KINDS[name]
+    return click.option(kind.option, name, type=click.Path(path_type=Path), help=kind.help)
+
 
 @click.command(epilog=EXAMPLES)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="Class-map GeoTIFF (COG, uint8, nodata 255) to write.")
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help=KINDS["class_map"].help)
 @click.option("--classes", "classes_text", help='Classes separated by ";", synonyms by ",": "building,roof;road".')
 @click.option("--classes-file", type=click.Path(path_type=Path),
               help="Text file, one class per line, synonyms separated by commas.")
-@click.option("--vlm", default="clip-b16", show_default=True,
-              help="CLIP preset, local checkpoint/folder or hub id (`coninfer models list`).")
-@click.option("--vfm", default="dinov3-l16-sat", show_default=True, help="DINOv3/DINOv2 preset, path or hub id.")
-@click.option("--method", type=click.Choice(["coninfer", "baseline"]), default="coninfer", show_default=True,
-              help="baseline = the CLIP prior alone (MaskCLIP*), no solver.")
-@click.option("--context", type=click.Choice(["scene", "batch", "none"]), default="scene", show_default=True,
-              help="Tiles per solver run: the whole scene, --context-size tiles (paper), or none (prior only).")
-@click.option("--context-size", type=int, default=50, show_default=True, help="Tiles per solver run for batch.")
-@click.option("--tile-size", type=int, default=448, show_default=True,
-              help="Tile side in source pixels (resized to --model-res; 448 keeps the source resolution).")
-@click.option("--overlap", type=int, default=0, show_default=True,
-              help="Tile overlap in source pixels; probabilities are blended linearly across it.")
-@click.option("--model-res", type=int, default=448, show_default=True, help="Model input side in pixels.")
+@click.option("--classes-preset", help="A benchmark's prompt list, e.g. openearthmap (`coninfer data list`).")
+@click.option("--colors", help='Class colours, e.g. "building=#d7191c,water=#2b83ba" [default: from the names].')
+@model_options(vfm_default="dinov3-l16-sat", vfm_help="DINOv3/DINOv2 preset, path or hub id.")
+@method_options(lambda_default_help="the variant's; 0.6 for segearth")
+@scene_options()
 @click.option("--bands", help="1-based band indexes read as R,G,B, e.g. 3,2,1 (default: first three).")
-@click.option("--temperature", type=float, default=50.0, show_default=True, help="Solver temperature.")
-@click.option("--prob-thd", type=float, default=0.0, show_default=True,
-              help="Pixels whose top class probability is below this get --bg-class (0 = off).")
-@click.option("--bg-class", type=int, default=0, show_default=True, help="Class index for --prob-thd.")
-@click.option("--probabilities", type=click.Path(path_type=Path),
-              help="Also write per-class probabilities (uint8 0-255, one band per class).")
-@click.option("--vector", type=click.Path(path_type=Path), help="Also write dissolved polygons (.gpkg/.geojson).")
-@click.option("--preview", type=click.Path(path_type=Path), help="Also write a PNG preview with a legend.")
-@click.option("--report", type=click.Path(path_type=Path), help="JSON report path [default: OUTPUT with .json].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
-              show_default=True, help="auto = fp16 on CUDA, fp32 on CPU.")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Tiles per encoder batch (halved automatically on CUDA out-of-memory).")
+@click.option("--prob-thd", type=click.FloatRange(0.0, 1.0), default=_POST.prob_thd, show_default=True,
+              help="Pixels whose top class probability is below this get --bg-index (0 = off).")
+@click.option("--bg-index", type=click.IntRange(min=0), default=_POST.bg_index, show_default=True,
+              help="Class index (0-based, in --classes order) given by --prob-thd.")
+@_output_option("probabilities")
+@_output_option("confidence")
+@_output_option("vector")
+@_output_option("preview")
+@_output_option("report")
+@_output_option("html")
 @click.option("--workdir", type=click.Path(path_type=Path),
               help="Folder for the resumable feature store [default: $CONINFER_CACHE/work or ~/.cache/coninfer/work].")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted run with the same input and settings.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
-def segment(input_path: Path, output: Path, classes_text: str | None, classes_file: Path | None, vlm: str,
-            vfm: str, method: str, context: str, context_size: int, tile_size: int, overlap: int,
-            model_res: int, bands: str | None, temperature: float, prob_thd: float, bg_class: int,
-            probabilities: Path | None, vector: Path | None, preview: Path | None, report: Path | None,
-            device: str, precision: str, batch_size: int, workdir: Path | None, resume: bool, overwrite: bool,
-            quiet: bool) -> None:
-    """Segment INPUT (GeoTIFF, PNG or JPEG) into a class map with ConInfer."""
+def segment(input_path: str, output: Path, classes_text: str | None, classes_file: Path | None,
+            classes_preset: str | None, colors: str | None, vlm: str,
+            vfm: str, device: str, precision: str, method: str, vlm_variant: str | None, attn_lambda: float | None,
+            temperature: float | None, iterations: int | None, vfm_features: str, context: str, context_size: int,
+            tile_size: int, overlap: int, model_res: int, batch_size: int, bands: str | None, prob_thd: float,
+            bg_index: int, workdir: Path | None, resume: bool, overwrite: bool, quiet: bool,
+            **extra_outputs: Path | None) -> None:
+    """Segment INPUT (any raster GDAL reads: GeoTIFF, PNG, JPEG, VRT, /vsi… paths) into a class map with ConInfer."""
+    from coninfer.outputs import check_outputs
     from coninfer.prompts import ClassList
     from coninfer.raster import read
-    from coninfer.scene import SceneOptions, Segmenter, check_outputs
-    from coninfer.settings import InferenceSettings
+    from coninfer.segmenter import Segmenter, bounded_gdal_cache
+    from coninfer.settings import SceneOptions
 
-    if (classes_text is None) == (classes_file is None):
-        raise InputError("give exactly one of --classes and --classes-file",
-                         hint='e.g. --classes "building,roof;road;water"')
+    if sum(value is not None for value in (classes_text, classes_file, classes_preset)) != 1:
+        raise InputError("give exactly one of --classes, --classes-file and --classes-preset",
+                         hint='e.g. --classes "building,roof;road;water" or --classes-preset openearthmap')
+    if classes_preset is not None:
+        from coninfer.class_presets import class_preset
+
+        classes_text = class_preset(classes_preset)
     classes = ClassList.parse(classes_text) if classes_text is not None else ClassList.from_file(classes_file)
-    if not 0 <= bg_class < len(classes.names):
-        raise InputError(f"--bg-class {bg_class} is not a class index (0..{len(classes.names) - 1})")
+    if not 0 <= bg_index < len(classes.names):
+        raise InputError(f"--bg-index {bg_index} is not a class index (0..{len(classes.names) - 1})")
     band_indexes = read.parse_bands(bands) if bands else None
     options = SceneOptions(tile_size=tile_size, overlap=overlap, context=context, context_size=context_size,
                            batch_size=batch_size)
     if context == "none":
         method = "baseline"  # the prior alone: the VFM would be loaded and run for nothing
-    settings = InferenceSettings().with_values(model_res=model_res, method=method, temperature=temperature,
-                                 prob_thd=prob_thd, bg_index=bg_class)
+    settings = InferenceSettings().with_values(model_res=model_res, method=method, features=vfm_features,
+                                               temperature=temperature, iterations=iterations, prob_thd=prob_thd,
+                                               bg_index=bg_index)
     # fail on bad inputs/outputs before loading any model
-    check_outputs(input_path, output, probabilities=probabilities, vector=vector, preview=preview, report=report,
-                  overwrite=overwrite)
-    scene = read.open_scene(input_path, bands=band_indexes)
-    if read.scene_is_empty(scene):
-        raise InputError(f"{input_path} is entirely nodata", hint="check the nodata value / mask of the input")
-    segmenter = Segmenter(classes, vlm=vlm, vfm=vfm, device=device, precision=precision, settings=settings)
-    summary = segmenter.segment_file(  # the scene opened above: its stretch needed a read of the whole file
-        scene, output, options, probabilities=probabilities, vector=vector,
-        preview=preview, report=report, workdir=workdir, resume=resume, overwrite=overwrite, progress=not quiet)
+    check_outputs(input_path, {"class_map": output, **extra_outputs}, overwrite=overwrite)
+    with bounded_gdal_cache():
+        scene = read.open_scene(input_path, bands=band_indexes)
+        if read.scene_is_empty(scene):
+            raise InputError(f"{input_path} is entirely nodata", hint="check the nodata value / mask of the input")
+        if colors:
+            from coninfer.raster import style
+
+            style.parse_colors(colors, classes)  # a bad --colors fails before any model is loaded
+        segmenter = Segmenter.from_presets(classes, vlm=vlm, vfm=vfm, device=device, precision=precision,
+                                           settings=settings, clip_variant=vlm_variant, attn_lambda=attn_lambda)
+        summary = segmenter.segment_file(  # the scene opened above: its stretch needed a read of the file
+            scene, output, options, workdir=workdir, resume=resume, overwrite=overwrite, progress=not quiet,
+            colors=colors, **extra_outputs)
     if not quiet:
         for row in summary["classes"]:
             click.echo(f"{row['class_name']:<24} {row['pixels']:>12} px  {row['area']:>14.1f} {row['area_unit']}")

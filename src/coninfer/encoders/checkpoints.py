@@ -3,10 +3,14 @@
 Only tensors are ever loaded: safetensors, or ``torch.load(weights_only=True)``. A pickle that needs to run
 code to unpickle is refused. Hub errors (gated repository, no network) become one-line errors that say what
 to do. Format-specific key conversion lives next to each model (``load_clip.py``, ``load_vfm.py``).
+
+Fingerprints (``encoder.fingerprint``) name the weights a model was loaded from, for resume keys: a hub file or
+snapshot by its repository and commit, a local file or folder by path, size and modification time of each file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 from collections.abc import Mapping
@@ -107,6 +111,38 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *
             detail.append(f"{len(unexpected)} unexpected tensors, e.g. {unexpected[0]!r}")
         raise CheckpointFormatError(f"{source}: {'; '.join(detail)}", hint="is this the right checkpoint format?")
     module.load_state_dict(state_dict, strict=False)
+
+
+# files of a model folder whose change changes the model: weights and the configs next to them
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt")
+
+
+def local_fingerprint(path: str | Path) -> str:
+    """``local:<16 hex>``: a digest of the resolved path, size and ``mtime_ns`` of the file (or of every weight and
+    config file directly in the folder), so that a checkpoint replaced at the same path gets another fingerprint."""
+    path = Path(path).expanduser().resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    digest = hashlib.sha256(str(path).encode())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"\n{file.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return f"local:{digest.hexdigest()[:16]}"
+
+
+def weights_fingerprint(path: str | Path, *, repo_id: str | None = None) -> str:
+    """``hub:<repo>@<commit>`` for a file or snapshot folder in the Hugging Face cache (``models--<owner>--<name>/
+    snapshots/<commit>/...``: the commit huggingface_hub resolved the revision to), else :func:`local_fingerprint`.
+
+    ``repo_id`` names the repository when the cache folder does not (a cache kept under another layout).
+    """
+    parts = Path(path).parts
+    if "snapshots" in parts[1:-1]:
+        index = len(parts) - 1 - parts[::-1].index("snapshots")
+        folder = parts[index - 1]
+        repo = repo_id or ("/".join(folder[len("models--"):].split("--")) if folder.startswith("models--") else None)
+        if repo and index + 1 < len(parts):
+            return f"hub:{repo}@{parts[index + 1]}"
+    return local_fingerprint(path)
 
 
 def hub_download(repo_id: str, filename: str, *, revision: str | None = None) -> Path:

@@ -28,14 +28,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 from torch import nn
 
+from coninfer.encoders.normalization import OPENAI_CLIP, Normalization
 from coninfer.errors import InputError, ModelLoadError
 from coninfer.prompts import embed_queries, load_templates
 from coninfer.settings import DenseCLIPSettings
 
 logger = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = OPENAI_CLIP.mean
+CLIP_STD = OPENAI_CLIP.std
 MID_BLOCKS = (1, 4, 7, 10)  # 0-based blocks whose attention maps form R (blocks 2, 5, 8, 11 in the paper)
 FUSION_SCALE = 3.0  # the official code rescales the fused map by 3, whatever the variant
 
@@ -74,12 +75,14 @@ def check_tokenizer(tokenizer, source: str) -> None:
 class DenseCLIP(nn.Module):
     """Dense (per-patch) CLIP on a transformers ``CLIPModel`` (or a vision-only ``CLIPVisionModelWithProjection``).
 
-    Inputs are ``pixel_values`` (B, 3, H, W), already normalised with ``image_mean``/``image_std`` (0-1 scale),
-    H and W multiples of ``patch_size``; outputs use a row-major (h, w) = (H/p, W/p) patch grid.
+    Inputs are ``pixel_values`` (B, 3, H, W), already normalised with ``normalization`` (mean/std on the 0-1 scale,
+    set by the loader: OpenAI's CLIP statistics unless the weights record others), H and W multiples of
+    ``patch_size``; outputs use a row-major (h, w) = (H/p, W/p) patch grid. ``fingerprint`` identifies the weights
+    (see :mod:`coninfer.encoders.checkpoints`); ``unrecorded:<name>`` for a model built in memory.
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, *, settings: DenseCLIPSettings | None = None,
-                 name: str = "clip") -> None:
+                 name: str = "clip", normalization: Normalization = OPENAI_CLIP, fingerprint: str | None = None) -> None:
         super().__init__()
         if not hasattr(model, "vision_model") or not hasattr(model, "visual_projection"):
             raise ModelLoadError(f"{type(model).__name__} is not a CLIP model with a vision tower and projection",
@@ -90,8 +93,8 @@ class DenseCLIP(nn.Module):
         self.name = name
         self.patch_size = _as_int(self.vision_config.patch_size)
         self.embed_dim = int(model.visual_projection.out_features)
-        self.image_mean = CLIP_MEAN
-        self.image_std = CLIP_STD
+        self.normalization = normalization
+        self.fingerprint = fingerprint if fingerprint is not None else f"unrecorded:{name}"
         self._position_cache: dict[tuple, torch.Tensor] = {}
         if self.has_text:
             check_tokenizer(tokenizer, name)
@@ -101,6 +104,14 @@ class DenseCLIP(nn.Module):
                     f"{name}: the tokenizer has {len(tokenizer)} tokens but the text tower only {vocab_size}",
                     hint="pass the tokenizer that belongs to this checkpoint",
                 )
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return self.normalization.mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return self.normalization.std
 
     @property
     def vision_config(self):
@@ -151,6 +162,10 @@ class DenseCLIP(nn.Module):
                      output_cls_token: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Projected patch tokens (B, h*w, E), not normalised; with ``output_cls_token`` also the class token (B, E)."""
         settings = settings if settings is not None else self.settings
+        if settings.variant == "gem":
+            from coninfer.encoders.gem import gem_dense_tokens  # imported here: gem builds on this module
+
+            return gem_dense_tokens(self, pixel_values, settings, output_cls_token)
         hidden, _ = self._embed(pixel_values)
         layers = self.model.vision_model.encoder.layers
         fuse = settings.attn_lambda != 0.0
@@ -337,147 +352,9 @@ def _surgery_block(layer: nn.Module, hidden: torch.Tensor, settings: DenseCLIPSe
     return hidden + _mlp(layer, hidden)
 
 
-@torch.no_grad()
-def _reference_dense_tokens(dense: DenseCLIP, pixel_values: torch.Tensor, settings: DenseCLIPSettings,
-                            output_cls_token: bool = False):
-    """Test oracle: the same forward with explicit (B, n, L, L) attention matrices, literally as golden C says."""
-    hidden, _ = dense._embed(pixel_values)
-    layers = dense.model.vision_model.encoder.layers
-
-    def probabilities(left: torch.Tensor, right: torch.Tensor, scale: float) -> torch.Tensor:
-        return torch.softmax(left @ right.transpose(-1, -2) * scale, dim=-1)
-
-    mid_maps = []
-    for index, layer in enumerate(layers[:-1]):
-        queries, keys, values = _queries_keys_values(layer, layer.layer_norm1(hidden))
-        attention = probabilities(queries, keys, layer.self_attn.scale)
-        if index in MID_BLOCKS:
-            mid_maps.append(attention)
-        hidden = hidden + layer.self_attn.out_proj(_merge_heads(attention @ values))
-        hidden = hidden + _mlp(layer, hidden)
-    last = layers[-1]
-    queries, keys, values = _queries_keys_values(last, last.layer_norm1(hidden))
-    scale = last.self_attn.scale
-    identity = torch.eye(queries.shape[2], dtype=queries.dtype, device=queries.device)  # (L, L)
-    maps = {
-        "vanilla": lambda: probabilities(queries, keys, scale),
-        "maskclip": lambda: identity.expand(*queries.shape[:2], -1, -1),  # (L, L) -> (B, n, L, L)
-        "sclip": lambda: probabilities(queries, queries, scale) + probabilities(keys, keys, scale),
-        "clearclip": lambda: probabilities(queries, queries, scale),
-        "segearth": lambda: (probabilities(queries, queries, scale) + probabilities(keys, keys, scale)
-                             + probabilities(values, values, scale)),
-    }
-    attention = maps[settings.variant]()
-    if settings.attn_lambda != 0.0:
-        lam = settings.attn_lambda
-        attention = FUSION_SCALE * ((1.0 - lam) * attention + lam * sum(mid_maps))
-    output = last.self_attn.out_proj(_merge_heads(attention @ values))
-    if not settings.ignore_residual:
-        output = hidden + output
-        output = output + _mlp(last, output)
-    return dense._project(output, output_cls_token)
-
-
 def _as_int(value) -> int:
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
             raise ModelLoadError(f"non-square patch size {value} is not supported")
         value = value[0]
     return int(value)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tiny random model for offline smoke tests. Its labels are meaningless; it only exercises every code path.
-
-_TINY_WORDS = (
-    "background building roof road parking lot low vegetation tree car clutter water river forest grass barren "
-    "agriculture urban impervious surface vehicle bareland pavement"
-)
-
-
-def build_tiny_clip(seed: int = 0, *, settings: DenseCLIPSettings | None = None) -> DenseCLIP:
-    """A seeded random CLIP (vision: width 64, 12 blocks, 4 heads, patch 16, 224 px; text: width 64, 2 blocks,
-    4 heads; projection 32; QuickGELU) with a small generated byte-level BPE tokenizer.
-
-    Every parameter is drawn from a generator seeded with ``seed`` (LayerNorm and bias terms too), so the
-    variants differ visibly. Produces meaningless labels: for offline tests and smoke runs only.
-    """
-    from transformers import CLIPConfig, CLIPModel
-
-    tokenizer = _tiny_tokenizer()
-    common = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "hidden_act": "quick_gelu",
-              "layer_norm_eps": 1e-5, "projection_dim": 32}
-    text_config = {**common, "num_hidden_layers": 2, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
-                   "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                   "pad_token_id": tokenizer.pad_token_id}
-    vision_config = {**common, "num_hidden_layers": 12, "patch_size": 16, "image_size": 224}
-    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=32)
-    with torch.random.fork_rng(devices=[]):  # transformers' own init draws from the global generator
-        model = CLIPModel(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            parameter.copy_(_random_like(name, parameter, generator))
-    return DenseCLIP(model, tokenizer, settings=settings, name=f"tiny-random-clip-seed{seed}")
-
-
-def _random_like(name: str, parameter: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    noise = torch.randn(parameter.shape, generator=generator)
-    if name.endswith("logit_scale"):
-        return torch.full_like(parameter, math.log(100.0))
-    if "norm" in name:  # layer_norm1/2, pre_layrnorm, post_layernorm, final_layer_norm
-        return 1.0 + 0.1 * noise if name.endswith("weight") else 0.1 * noise
-    if parameter.ndim >= 2:
-        return noise / math.sqrt(parameter[0].numel())  # unit-variance outputs for unit-variance inputs
-    return 0.1 * noise
-
-
-def _tiny_tokenizer(num_merges: int = 400):
-    """A CLIP tokenizer with a generated vocabulary: 256 byte symbols, their ``</w>`` forms, BPE merges learnt
-    from the prompt templates and a few remote-sensing words, then ``<|startoftext|>``/``<|endoftext|>`` last
-    (as in OpenAI's vocabulary, so the end token has the largest id)."""
-    import re
-    from collections import Counter
-
-    from transformers import CLIPTokenizer
-
-    symbols = _byte_symbols()
-    vocab: list[str] = symbols + [symbol + "</w>" for symbol in symbols]
-    corpus = " ".join(load_templates()).replace("{}", " ") + " " + _TINY_WORDS
-    words = Counter(tuple(word[:-1]) + (word[-1] + "</w>",) for word in re.findall(r"[a-z]+|[^\sa-z]+", corpus.lower()))
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pairs: Counter = Counter()
-        for word, count in words.items():
-            for pair in zip(word[:-1], word[1:], strict=True):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = max(pairs.items(), key=lambda item: (item[1], item[0]))[0]  # ties broken deterministically
-        merges.append(best)
-        vocab.append(best[0] + best[1])
-        words = Counter({_merge_word(word, best): count for word, count in words.items()})
-    vocab_ids = {token: index for index, token in enumerate(dict.fromkeys(vocab))}
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab_ids[special] = len(vocab_ids)
-    return CLIPTokenizer(vocab=vocab_ids, merges=merges)
-
-
-def _merge_word(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    merged: list[str] = []
-    index = 0
-    while index < len(word):
-        if index + 1 < len(word) and (word[index], word[index + 1]) == pair:
-            merged.append(pair[0] + pair[1])
-            index += 2
-        else:
-            merged.append(word[index])
-            index += 1
-    return tuple(merged)
-
-
-def _byte_symbols() -> list[str]:
-    """The 256 printable stand-ins of byte-level BPE, in byte order (printable bytes stand for themselves)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(byte) if byte in printable else chr(next(extra)) for byte in range(256)]

@@ -1,108 +1,63 @@
-"""Dense patch features of a vision foundation model (DINOv3, or DINOv2 as an alternative), via transformers.
+"""Dense patch features of a vision foundation model (DINOv3 by default; DINOv2 or another ViT), via transformers.
 
 ConInfer clusters the final-normed DINOv3 patch tokens of every tile, L2-normalised per token. :class:`DenseVFM`
-wraps a transformers ``DINOv3ViTModel`` (or ``Dinov2Model`` / ``Dinov2WithRegistersModel``) and exposes exactly
-that, together with the pixel normalisation the weights were trained with. Checkpoint conversion from Meta's and
-timm's formats lives in ``load_vfm.py``.
+wraps a transformers backbone (``DINOv3ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``, or any ViT whose
+``last_hidden_state`` is class token, registers, patch tokens) and exposes exactly that, together with the pixel
+normalisation the weights were trained with. Checkpoint conversion from Meta's and timm's formats lives in
+``load_vfm.py``; the tiny random test models in ``tiny.py``.
 
-Token layout of both model families: ``[cls, registers x R, patches (row-major over the h x w grid)]``.
+Token layout: ``[cls, registers x R, patches (row-major over the h x w grid)]``; R is the config's
+``num_register_tokens`` (0 when absent), the patch size the config's ``patch_size``.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass
+import inspect
 
 import torch
 import torch.nn.functional as F
 
+from coninfer.encoders.normalization import IMAGENET, SAT493M, Normalization
 from coninfer.errors import InputError
 
-# Pixel statistics on the 0-1 scale. SAT-493M: DINOv3's satellite pretraining set; ImageNet: LVD-1689M and DINOv2.
-SAT493M_MEAN = (0.430, 0.411, 0.296)
-SAT493M_STD = (0.213, 0.156, 0.143)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET", "SAT493M", "DenseVFM", "Normalization", "resolve_dtype"]
 
 _DINOV3_TYPES = ("dinov3_vit",)
-_DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel RGB mean and std on the 0-1 pixel scale: ``x = (rgb / 255 - mean) / std``."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    name: str = "custom"
-
-    def __post_init__(self) -> None:
-        for field_name in ("mean", "std"):
-            values = getattr(self, field_name)
-            if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-                raise InputError(f"Normalization.{field_name} must be 3 finite numbers, got {values!r}",
-                                 hint="give one value per RGB channel on the 0-1 scale")
-            object.__setattr__(self, field_name, tuple(float(v) for v in values))
-        if not all(v > 0.0 for v in self.std):
-            raise InputError(f"Normalization.std must be positive, got {self.std!r}", hint="use e.g. 0.229,0.224,0.225")
-        if not all(-1.0 <= v <= 2.0 for v in self.mean):
-            raise InputError(f"Normalization.mean {self.mean!r} is not on the 0-1 pixel scale",
-                             hint="divide 0-255 statistics by 255")
-
-
-SAT493M = Normalization(SAT493M_MEAN, SAT493M_STD, "sat493m")
-IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD, "imagenet")
-
-
-def normalization_for(source_name: str) -> Normalization:
-    """Pick the pixel statistics from a checkpoint's name: SAT-493M weights contain ``sat`` in every official name.
-
-    Only the last component of a path or hub id counts, and only ``sat`` not inside a word (``sat493m``,
-    ``vitl16sat``, ``-sat``): a model kept under ``/data/satellite/`` or ``/data/sat/`` is not a SAT-493M model.
-    """
-    last = source_name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
-    return SAT493M if re.search(r"(?<![a-z])sat(?![a-z])", last) else IMAGENET
-
-
-def resolve_normalization(value: Normalization | str | None, source_name: str) -> Normalization:
-    """``None`` -> chosen from the source name; ``"sat493m"``/``"sat"``/``"imagenet"`` -> those statistics."""
-    if value is None:
-        return normalization_for(source_name)
-    if isinstance(value, Normalization):
-        return value
-    named = {"sat": SAT493M, "sat493m": SAT493M, "imagenet": IMAGENET, "lvd1689m": IMAGENET}
-    if isinstance(value, str) and value.lower() in named:
-        return named[value.lower()]
-    raise InputError(f"unknown normalization {value!r}", hint="use 'sat493m', 'imagenet' or a Normalization(mean, std)")
 
 
 class DenseVFM(torch.nn.Module):
     """A ViT that turns normalised images into L2-normalised patch features.
 
     Attributes:
-        model: the wrapped transformers model (``DINOv3ViTModel``, ``Dinov2Model`` or ``Dinov2WithRegistersModel``).
+        model: the wrapped transformers backbone (its config gives ``patch_size``, ``hidden_size`` and
+            ``num_register_tokens``).
         name: where the weights came from (hub id, file name, ``tiny-random-*``).
         patch_size: pixels per patch side (16 for DINOv3, 14 for DINOv2).
         feature_dim: channels D of a patch feature (the hidden size).
         num_prefix_tokens: class + register tokens that precede the patch tokens.
-        image_mean, image_std: per-channel statistics (0-1 scale) the caller must normalise with.
+        normalization: per-channel statistics (0-1 scale) the caller must normalise with (``image_mean``,
+            ``image_std``).
+        fingerprint: identifies the weights (``unrecorded:<name>`` for a model built in memory).
     """
 
     def __init__(self, model: torch.nn.Module, *, name: str, normalization: Normalization = IMAGENET,
-                 rope_periods: torch.Tensor | None = None) -> None:
+                 rope_periods: torch.Tensor | None = None, fingerprint: str | None = None) -> None:
         super().__init__()
-        config = model.config
-        self.model_type = str(config.model_type)
-        if self.model_type not in _DINOV3_TYPES + _DINOV2_TYPES:
-            raise InputError(f"DenseVFM wraps DINOv3/DINOv2 models, got model_type {self.model_type!r}",
-                             hint="load a DINOv3ViTModel, Dinov2Model or Dinov2WithRegistersModel")
+        config = getattr(model, "config", None)
+        self.model_type = str(getattr(config, "model_type", type(model).__name__))
+        if getattr(config, "patch_size", None) is None or getattr(config, "hidden_size", None) is None:
+            raise InputError(f"DenseVFM wraps transformers ViT backbones, {self.model_type!r} has no patch_size / "
+                             "hidden_size in its config", hint="load a ViT such as DINOv3ViTModel or Dinov2Model")
         self.model = model.eval()
         self.name = name
         self.patch_size = _single_int(config.patch_size, "patch_size")
         self.feature_dim = int(config.hidden_size)
         self.num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
         self.normalization = normalization
+        self.fingerprint = fingerprint if fingerprint is not None else f"unrecorded:{name}"
+        # ViTs with a fixed position table (transformers' ViT) interpolate it only when asked
+        parameters = inspect.signature(model.forward).parameters
+        self._forward_options = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in parameters else {}
         # A float32 copy that survives .half(): DINOv3's RoPE angles are computed in float32 like Meta's code.
         self._rope_periods: torch.Tensor | None = None
         if rope_periods is not None:
@@ -130,7 +85,7 @@ class DenseVFM(torch.nn.Module):
 
     @property
     def rope_periods(self) -> torch.Tensor | None:
-        """(head_dim/4,) float32 RoPE periods in use (DINOv3 only), or None for DINOv2."""
+        """(head_dim/4,) float32 RoPE periods in use (DINOv3 only), or None for other models."""
         if not self.is_dinov3:
             return None
         if self._rope_periods is not None:
@@ -149,7 +104,7 @@ class DenseVFM(torch.nn.Module):
         transformers recomputes them in float32, so a Meta checkpoint needs this override to match Meta's outputs.
         """
         if not self.is_dinov3:
-            raise InputError("RoPE periods apply to DINOv3 only", hint="DINOv2 uses learned position embeddings")
+            raise InputError("RoPE periods apply to DINOv3 only", hint=f"{self.model_type} has no RoPE periods to set")
         expected = tuple(self.model.rope_embeddings.inv_freq.shape)
         periods = torch.as_tensor(periods).detach().to(torch.float32).cpu().reshape(-1)
         if tuple(periods.shape) != expected:
@@ -191,7 +146,7 @@ class DenseVFM(torch.nn.Module):
         self._sync_rope()
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         with torch.inference_mode():
-            tokens = self.model(pixel_values=pixel_values).last_hidden_state
+            tokens = self.model(pixel_values=pixel_values, **self._forward_options).last_hidden_state
         expected = self.num_prefix_tokens + num_patches_h * num_patches_w
         if tokens.shape[1] != expected:
             raise InputError(f"{self.name} returned {tokens.shape[1]} tokens, expected {expected}")
@@ -235,60 +190,6 @@ def resolve_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torc
     if device.type == "cpu" and dtype != torch.float32:
         raise InputError(f"{dtype} on the CPU is not supported (slow and inexact)", hint="use float32 on the CPU")
     return dtype
-
-
-def build_tiny_dinov3(seed: int = 0, *, num_hidden_layers: int = 2, gated_mlp: bool = False) -> DenseVFM:
-    """A seeded random tiny DINOv3 (hidden 64, 4 heads, patch 16, 4 registers) for offline smoke tests.
-
-    Its features are meaningless: use it to exercise shapes and plumbing only, never to judge segmentation quality.
-    """
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
-
-    if not 2 <= num_hidden_layers <= 4:
-        raise InputError(f"num_hidden_layers must be 2..4 for the tiny model, got {num_hidden_layers}")
-    config = DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
-                             num_attention_heads=4, patch_size=16, num_register_tokens=4, use_gated_mlp=gated_mlp,
-                             hidden_act="silu" if gated_mlp else "gelu", image_size=224)
-    model = DINOv3ViTModel(config)
-    randomize_(model, seed)
-    return DenseVFM(model, name=f"tiny-random-dinov3-seed{seed}", normalization=IMAGENET)
-
-
-def build_tiny_dinov2(seed: int = 0, *, num_register_tokens: int = 0) -> DenseVFM:
-    """A seeded random tiny DINOv2 (hidden 64, 2 layers, 4 heads, patch 14); meaningless features, for tests."""
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    kwargs = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=14, image_size=56)
-    if num_register_tokens:
-        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=num_register_tokens, **kwargs))
-    else:
-        model = Dinov2Model(Dinov2Config(**kwargs))
-    randomize_(model, seed)
-    return DenseVFM(model, name=f"tiny-random-dinov2-seed{seed}", normalization=IMAGENET)
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Redraw every parameter from a seeded generator, independent of transformers' init (which may change).
-
-    Norm weights ~ N(1, 0.1^2), layer scales ~ U(0.3, 1), other vectors ~ N(0, 0.05^2), matrices ~ N(0, 1/fan_in),
-    tokens ~ N(0, 0.5^2): every block then changes the tokens noticeably, so conversion mistakes show.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in sorted(model.named_parameters()):
-            shape = parameter.shape
-            if "norm" in name and name.endswith("weight"):
-                values = 1 + 0.1 * torch.randn(shape, generator=generator)
-            elif "lambda1" in name or "layer_scale" in name:
-                values = 0.3 + 0.7 * torch.rand(shape, generator=generator)
-            elif "token" in name or "position_embeddings" in name:
-                values = 0.5 * torch.randn(shape, generator=generator)
-            elif parameter.ndim == 1:
-                values = 0.05 * torch.randn(shape, generator=generator)
-            else:
-                fan_in = math.prod(shape[1:])
-                values = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
-            parameter.copy_(values.to(parameter.dtype))
 
 
 def _single_int(value: int | list[int] | tuple[int, ...], field_name: str) -> int:

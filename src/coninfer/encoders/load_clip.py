@@ -15,6 +15,10 @@ Sources accepted by :func:`load_clip`:
     features, nothing in the file can tell.
 
 A visual-only state dict loads as a vision-only model (``encode_text`` then raises a clear error).
+
+Pixel statistics: the ``normalization`` argument (a preset passes its own), else a transformers folder's
+``preprocessor_config.json``, else OpenAI's CLIP statistics (those of every CLIP preset). The loaders of the vlm
+presets' formats are registered here (:func:`coninfer.encoders.register_loader`).
 """
 
 from __future__ import annotations
@@ -26,8 +30,22 @@ from pathlib import Path
 
 import torch
 
-from coninfer.encoders.checkpoints import StateDict, hub_download, hub_snapshot, load_into, load_state_dict
+from coninfer.encoders import register_loader
+from coninfer.encoders.checkpoints import (
+    StateDict,
+    hub_download,
+    hub_snapshot,
+    load_into,
+    load_state_dict,
+    weights_fingerprint,
+)
 from coninfer.encoders.clip import DenseCLIP, check_tokenizer
+from coninfer.encoders.normalization import (
+    OPENAI_CLIP,
+    Normalization,
+    normalization_from_mapping,
+    resolve_normalization,
+)
 from coninfer.errors import CheckpointFormatError, InputError, InputFileError, ModelLoadError, OutputError
 from coninfer.settings import DenseCLIPSettings
 
@@ -75,12 +93,15 @@ def load_clip(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     revision: str | None = None,
+    normalization: Normalization | str | None = None,
 ) -> DenseCLIP:
     """Load a CLIP checkpoint as :class:`DenseCLIP` in eval mode on ``device``.
 
     settings: a :class:`DenseCLIPSettings` or a variant name (``"segearth"``: the paper's Table-2 config).
     tokenizer: folder or hub id of the tokenizer; default: the checkpoint's own, else ``openai/clip-vit-base-patch16``.
     dtype: default float32 on CPU, float16 on CUDA.
+    normalization: pixel statistics overriding those recorded with the weights (module docstring).
+    The result's ``fingerprint`` is :func:`~coninfer.encoders.checkpoints.weights_fingerprint` of the weights.
     """
     if isinstance(settings, str):
         settings = DenseCLIPSettings.for_variant(settings)
@@ -93,27 +114,69 @@ def load_clip(
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     text = str(source)
     path = Path(text).expanduser()
+    folder = weights = None  # a transformers folder, or one checkpoint file
+    repo_id = None
     if path.is_dir():
-        model, tokenizer_object = _load_transformers_folder(path, tokenizer, activation)
-        name = path.resolve().name
+        folder, name = path, path.resolve().name
     elif path.is_file() or _looks_local(text):
         if not path.is_file():
             raise InputFileError(f"CLIP checkpoint not found: {path}", hint="check the path, or pass a hub id")
-        model, tokenizer_object = _load_open_clip_file(path, tokenizer, heads, text_heads, activation, revision)
-        name = path.stem
+        weights, name = path, path.stem
     elif text.count("/") >= 2 and text.endswith(CHECKPOINT_SUFFIXES):
         repo_id, filename = "/".join(text.split("/")[:2]), "/".join(text.split("/")[2:])
-        checkpoint = hub_download(repo_id, filename, revision=revision)
-        model, tokenizer_object = _load_open_clip_file(checkpoint, tokenizer, heads, text_heads, activation, revision)
-        name = text
+        weights, name = hub_download(repo_id, filename, revision=revision), text
     else:
+        repo_id, name = text, text
         folder = hub_snapshot(text, revision=revision, allow_patterns=["*.json", "*.txt", "model*.safetensors"])
         if not any(folder.glob("*.safetensors")):  # older repositories only have the pickle weights
             folder = hub_snapshot(text, revision=revision, allow_patterns=["*.json", "*.txt", "pytorch_model*.bin"])
+    recorded = None
+    if folder is not None:
         model, tokenizer_object = _load_transformers_folder(folder, tokenizer, activation)
-        name = text
+        recorded = normalization_from_mapping(_read_json(folder / "preprocessor_config.json"), name=name)
+    else:
+        model, tokenizer_object = _load_open_clip_file(weights, tokenizer, heads, text_heads, activation, revision)
     model = model.to(device=device, dtype=dtype)
-    return DenseCLIP(model, tokenizer_object, settings=settings, name=name)
+    return DenseCLIP(model, tokenizer_object, settings=settings, name=name,
+                     normalization=resolve_normalization(normalization, recorded or OPENAI_CLIP),
+                     fingerprint=weights_fingerprint(folder if folder is not None else weights, repo_id=repo_id))
+
+
+@register_loader("vlm", "transformers")
+def load_clip_preset(preset, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     normalization: Normalization | str | None = None, **clip_options) -> DenseCLIP:
+    """A transformers vlm preset: :func:`load_clip` of its hub repository."""
+    return load_clip(preset.source, device=device, dtype=dtype, **_preset_options(preset, normalization, clip_options))
+
+
+@register_loader("vlm", "open_clip")
+def load_open_clip_preset(preset, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                          normalization: Normalization | str | None = None, **clip_options) -> DenseCLIP:
+    """An open_clip vlm preset: its one checkpoint file (fetched with the default tokenizer), then :func:`load_clip`."""
+    from coninfer.encoders.presets import download
+
+    return load_clip(download(preset.name, preset.role), device=device, dtype=dtype,
+                     **_preset_options(preset, normalization, clip_options))
+
+
+def _preset_options(preset, normalization: Normalization | str | None, clip_options: dict) -> dict:
+    """``clip_options`` completed with the preset's activation and pixel statistics where not given."""
+    options = dict(clip_options)
+    if options.get("activation") is None and preset.activation is not None:
+        options["activation"] = preset.activation
+    if normalization is not None or preset.normalization is not None:
+        options["normalization"] = normalization if normalization is not None else preset.normalization
+    return options
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointFormatError(f"cannot read {path} as json: {error}") from error
+    return content if isinstance(content, dict) else {}
 
 
 def load_tokenizer(source: str | Path):
@@ -134,7 +197,8 @@ def load_tokenizer(source: str | Path):
 
 
 def save_clip_transformers(dense: DenseCLIP, folder: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``dense``'s model and tokenizer as a transformers folder that :func:`load_clip` reads back."""
+    """Write ``dense``'s model and tokenizer as a transformers folder that :func:`load_clip` reads back, with its
+    pixel statistics in ``preprocessor_config.json`` (CLIPImageProcessor's fields)."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise OutputError(f"{folder} exists and is not empty", hint="choose a new folder or pass overwrite=True")
@@ -143,33 +207,12 @@ def save_clip_transformers(dense: DenseCLIP, folder: str | Path, *, overwrite: b
         dense.model.save_pretrained(str(folder))
         if dense.tokenizer is not None:
             dense.tokenizer.save_pretrained(str(folder))
+        processor = {"image_processor_type": "CLIPImageProcessor", "do_normalize": True,
+                     "image_mean": list(dense.normalization.mean), "image_std": list(dense.normalization.std)}
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=1) + "\n", encoding="utf-8")
     except OSError as error:
         raise OutputError(f"cannot write {folder}: {error}", hint="check the folder's permissions and free space") from error
     return folder
-
-
-def to_open_clip_state_dict(dense: DenseCLIP) -> StateDict:
-    """The model's weights under OpenAI / open_clip names (the inverse of :func:`convert_open_clip_state_dict`)."""
-    own = {name: tensor.detach().cpu().clone() for name, tensor in dense.model.state_dict().items()}
-    inverse = {hf: oc for oc, hf in _key_map(dense.num_layers, _text_layers(dense)).items()}
-    result: StateDict = {}
-    for name, tensor in own.items():
-        if name.endswith("position_ids"):
-            continue
-        block = re.match(r"(vision_model|text_model)\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
-        if block:
-            tower, index, _, kind = block.groups()
-            prefix = f"{'visual.' if tower == 'vision_model' else ''}transformer.resblocks.{index}.attn.in_proj_{kind}"
-            if prefix not in result:
-                parts = [own[f"{tower}.encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-                result[prefix] = torch.cat(parts, dim=0)
-        elif name in ("visual_projection.weight", "text_projection.weight"):
-            result["visual.proj" if name.startswith("visual") else "text_projection"] = tensor.T.contiguous()
-        elif name in inverse:
-            result[inverse[name]] = tensor
-        else:
-            raise CheckpointFormatError(f"no open_clip name for {name!r}", hint="this model is not a plain CLIP ViT")
-    return result
 
 
 def convert_open_clip_state_dict(state_dict: StateDict, *, heads: int | None = None, text_heads: int | None = None,
@@ -279,10 +322,6 @@ def _rename(state_dict: StateDict, mapping: dict[str, str]) -> StateDict:
         else:
             result[mapping.get(name, name)] = tensor
     return result
-
-
-def _text_layers(dense: DenseCLIP) -> int:
-    return len(dense.model.text_model.encoder.layers) if hasattr(dense.model, "text_model") else 0
 
 
 def _looks_local(text: str) -> bool:

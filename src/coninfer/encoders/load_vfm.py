@@ -1,9 +1,10 @@
-"""Load DINOv3 (and DINOv2) weights from every format into a :class:`DenseVFM` built on transformers.
+"""Load DINOv3 (DINOv2, other transformers ViTs) weights from every format into a :class:`DenseVFM`.
 
 Sources understood by :func:`load_vfm`:
 
 * a hub id or local folder in transformers format (``facebook/dinov3-vitl16-pretrain-sat493m``, gated;
-  ``facebook/dinov2-large``), or a folder written by :func:`save_vfm_transformers`;
+  ``facebook/dinov2-large``; any ViT backbone with ``patch_size`` in its config), or a folder written by
+  :func:`save_vfm_transformers`;
 * a timm copy: hub repo ``timm/vit_large_patch16_dinov3.sat493m`` (ungated, the default source), a local timm
   folder, or a local timm ``.safetensors``/``.pth`` file;
 * Meta's original ``.pth`` (``dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth``).
@@ -11,6 +12,11 @@ Sources understood by :func:`load_vfm`:
 Meta keys are first renamed to timm's names, then timm's names are mapped to transformers'; the rules are those of
 the golden TIMM_DINOV3.md (sections 4 and 5). There are no transposes: q/k/v are row splits of the fused qkv.
 Meta checkpoints carry their RoPE periods (``rope_embed.periods``); they are kept so outputs match Meta's code.
+
+Pixel statistics come from, in order: the ``normalization`` argument (a preset passes its own), a saved
+``coninfer_vfm.json``, a timm ``config.json`` (``pretrained_cfg``), a transformers ``preprocessor_config.json``;
+when none records them (a bare Meta ``.pth``), ImageNet's, with a warning. The loaders of the vfm presets'
+formats are registered here (:func:`coninfer.encoders.register_loader`).
 """
 
 from __future__ import annotations
@@ -25,8 +31,22 @@ from pathlib import Path
 
 import torch
 
-from coninfer.encoders.checkpoints import StateDict, hub_download, hub_errors, load_into, load_state_dict
-from coninfer.encoders.dinov3 import DenseVFM, Normalization, resolve_normalization
+from coninfer.encoders import register_loader
+from coninfer.encoders.checkpoints import (
+    StateDict,
+    hub_download,
+    hub_errors,
+    load_into,
+    load_state_dict,
+    weights_fingerprint,
+)
+from coninfer.encoders.dinov3 import DenseVFM
+from coninfer.encoders.normalization import (
+    IMAGENET,
+    Normalization,
+    normalization_from_mapping,
+    resolve_normalization,
+)
 from coninfer.errors import CheckpointFormatError, InputError, InputFileError, ModelLoadError, OutputError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +54,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_DINOV3_SOURCE = "timm/vit_large_patch16_dinov3.sat493m"
 FORMATS = ("transformers", "timm", "meta")
 CONINFER_JSON = "coninfer_vfm.json"
+PREPROCESSOR_JSON = "preprocessor_config.json"
 
 # Heads cannot be read from tensor shapes (only the product heads * head_dim can): the released widths.
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 20, 4096: 32}
@@ -73,9 +94,10 @@ def load_vfm(source: str | Path, *, format: str | None = None, device: str | tor
     """Load a DINOv3/DINOv2 model from a hub id, a folder or a checkpoint file, ready for ``dense_features``.
 
     ``format`` (``transformers``, ``timm``, ``meta``) is detected when None. ``normalization`` overrides the pixel
-    statistics otherwise chosen from a saved coninfer json, a timm config, or the source name (``sat`` -> SAT-493M,
-    else ImageNet). ``num_heads`` is needed only for widths outside :data:`HEADS_BY_WIDTH` without a config.
-    The model is float32 on the CPU and float16 on CUDA unless ``dtype`` says otherwise.
+    statistics recorded with the weights (module docstring). ``num_heads`` is needed only for widths outside
+    :data:`HEADS_BY_WIDTH` without a config. The model is float32 on the CPU and float16 on CUDA unless ``dtype``
+    says otherwise. ``fingerprint``: :func:`~coninfer.encoders.checkpoints.weights_fingerprint` of the source
+    (``hub:<repo>@<commit>`` for the hub and its cache, ``local:<digest>`` of paths, sizes and mtimes otherwise).
     """
     if format is not None and format not in FORMATS:
         raise InputError(f"unknown checkpoint format {format!r}", hint=f"use one of {', '.join(FORMATS)}")
@@ -86,6 +108,7 @@ def load_vfm(source: str | Path, *, format: str | None = None, device: str | tor
     path = Path(text).expanduser()
     if path.exists():
         vfm = _load_local(path, format=format, normalization=normalization, num_heads=num_heads)
+        vfm.fingerprint = weights_fingerprint(path)
     elif _looks_like_path(text):
         raise InputFileError(f"model source not found: {text}", hint="check the path, or give a hub id or preset")
     else:
@@ -101,6 +124,17 @@ def load_timm_dinov3(source: str | Path = DEFAULT_DINOV3_SOURCE, *, device: str 
                     num_heads=num_heads, revision=revision)
 
 
+@register_loader("vfm", "transformers")
+@register_loader("vfm", "timm")
+@register_loader("vfm", "meta")
+def load_vfm_preset(preset, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                    format: str | None = None, normalization: Normalization | str | None = None,  # noqa: A002
+                    **options) -> DenseVFM:
+    """A vfm preset: :func:`load_vfm` of its source in its format, with its pixel statistics unless overridden."""
+    return load_vfm(preset.source, format=format or preset.format, device=device, dtype=dtype,
+                    normalization=normalization if normalization is not None else preset.normalization, **options)
+
+
 def save_vfm_transformers(vfm: DenseVFM, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``vfm`` as a transformers folder (``save_pretrained``) plus ``coninfer_vfm.json``.
 
@@ -113,9 +147,7 @@ def save_vfm_transformers(vfm: DenseVFM, folder: str | Path, *, overwrite: bool 
     folder.mkdir(parents=True, exist_ok=True)
     vfm.model.save_pretrained(str(folder), safe_serialization=True)
     periods = vfm.custom_rope_periods  # recomputable periods are left to transformers
-    meta = {"format_version": 1, "name": vfm.name,
-            "normalization": {"name": vfm.normalization.name, "mean": list(vfm.image_mean),
-                              "std": list(vfm.image_std)},
+    meta = {"format_version": 1, "name": vfm.name, "normalization": vfm.normalization.as_dict(),
             "rope_periods": None if periods is None else [float(p) for p in periods.tolist()]}
     (folder / CONINFER_JSON).write_text(json.dumps(meta, indent=1) + "\n")
     return folder
@@ -154,12 +186,26 @@ def _load_hub(repo_id: str, *, format: str | None, normalization: Normalization 
     if format == "meta":
         raise InputError(f"Meta-format checkpoints are local .pth files, got hub id {repo_id!r}",
                          hint="download the .pth from Meta and pass its path")
-    config = _read_json(hub_download(repo_id, "config.json", revision=revision))
+    config_path = hub_download(repo_id, "config.json", revision=revision)
+    config = _read_json(config_path)
     is_timm = repo_id.startswith("timm/") or "architecture" in config or "pretrained_cfg" in config
     if format == "timm" or (format is None and is_timm):
         weights = _hub_timm_weights(repo_id, revision)
-        return _load_timm_file(weights, config, normalization=normalization, num_heads=num_heads, name=repo_id)
-    return _load_transformers(repo_id, normalization=normalization, revision=revision)
+        vfm = _load_timm_file(weights, config, normalization=normalization, num_heads=num_heads, name=repo_id)
+    else:
+        recorded = None if normalization is not None else _hub_preprocessor_normalization(repo_id, revision)
+        vfm = _load_transformers(repo_id, normalization=normalization, revision=revision, recorded=recorded)
+    vfm.fingerprint = weights_fingerprint(config_path, repo_id=repo_id)
+    return vfm
+
+
+def _hub_preprocessor_normalization(repo_id: str, revision: str | None) -> Normalization | None:
+    """The statistics of a hub repository's ``preprocessor_config.json``, None when it has none."""
+    try:
+        content = _read_json(hub_download(repo_id, PREPROCESSOR_JSON, revision=revision))
+    except ModelLoadError:  # absent from the repository, or not cached offline
+        return None
+    return normalization_from_mapping(content, name=repo_id)
 
 
 def _hub_timm_weights(repo_id: str, revision: str | None) -> Path:
@@ -194,23 +240,26 @@ def detect_format(state_dict: Mapping[str, torch.Tensor], *, source: str = "chec
 
 
 def _load_transformers(source: str, *, normalization: Normalization | str | None, revision: str | None = None,
-                       local_folder: Path | None = None) -> DenseVFM:
+                       local_folder: Path | None = None, recorded: Normalization | None = None) -> DenseVFM:
+    """A transformers ViT backbone (``AutoModel``): any model type whose config has ``patch_size``."""
     from transformers import AutoConfig, AutoModel
 
     with hub_errors(source):
         config = AutoConfig.from_pretrained(source, revision=revision)
-    if config.model_type not in ("dinov3_vit", "dinov2", "dinov2_with_registers"):
-        raise ModelLoadError(f"{source} is a {config.model_type!r} model, not DINOv3 or DINOv2",
-                             hint="pass a DINOv3ViTModel / Dinov2Model checkpoint")
+    if getattr(config, "patch_size", None) is None or getattr(config, "hidden_size", None) is None:
+        hint = ("pass it as the vision-language model (--vlm)" if "clip" in str(config.model_type)
+                else "pass a ViT backbone such as a DINOv3ViTModel / Dinov2Model checkpoint")
+        raise ModelLoadError(f"{source} is a {config.model_type!r} model, not a ViT backbone with a patch size",
+                             hint=hint)
     with hub_errors(source):
         model = AutoModel.from_pretrained(source, config=config, revision=revision, dtype=torch.float32)
     saved = _read_json(local_folder / CONINFER_JSON) if local_folder is not None else {}
     name = saved.get("name") or source
-    norm = normalization
-    if norm is None and "normalization" in saved:
-        norm = Normalization(**saved["normalization"])
+    if local_folder is not None:
+        recorded = (normalization_from_mapping(saved.get("normalization", {}))
+                    or normalization_from_mapping(_read_json(local_folder / PREPROCESSOR_JSON), name=name))
     periods = saved.get("rope_periods")
-    return DenseVFM(model, name=name, normalization=resolve_normalization(norm, name),
+    return DenseVFM(model, name=name, normalization=_normalization(normalization, recorded, name),
                     rope_periods=None if periods is None else torch.tensor(periods, dtype=torch.float32))
 
 
@@ -225,11 +274,8 @@ def _load_timm_file(path: Path, config: Mapping, *, normalization: Normalization
     heads = num_heads or _heads_from_json(config)
     hf_config, hf_state = timm_to_transformers(state_dict, num_heads=heads, source=str(path))
     model = build_dinov3_model(hf_config, hf_state, source=str(path))
-    cfg = config.get("pretrained_cfg", {}) if isinstance(config.get("pretrained_cfg"), Mapping) else {}
-    norm = normalization
-    if norm is None and "mean" in cfg and "std" in cfg:
-        norm = Normalization(tuple(cfg["mean"]), tuple(cfg["std"]), str(cfg.get("tag") or "timm"))
-    return DenseVFM(model, name=name, normalization=resolve_normalization(norm, name))
+    recorded = normalization_from_mapping(config.get("pretrained_cfg", {}), name="timm")
+    return DenseVFM(model, name=name, normalization=_normalization(normalization, recorded, name))
 
 
 def timm_to_transformers(state_dict: Mapping[str, torch.Tensor], *, num_heads: int | None = None,
@@ -341,62 +387,6 @@ def _layer_prefix(model: torch.nn.Module) -> str:
     raise ModelLoadError("cannot find the layer prefix of DINOv3ViTModel", hint="unsupported transformers version")
 
 
-def transformers_to_timm(vfm: DenseVFM, *, qkv_bias: bool | None = None) -> StateDict:
-    """Export a DINOv3 :class:`DenseVFM` as a timm state dict (``qkv_bias`` True -> the ``_qkvb`` key set).
-
-    ``qkv_bias=None`` writes q/v biases only when they are non-zero. A non-zero k bias has no timm key: refused.
-    """
-    if not vfm.is_dinov3:
-        raise InputError(f"{vfm.name} is not a DINOv3 model; only DINOv3 has a timm format here")
-    state = _hf_state_on_disk(vfm)
-    depth = int(vfm.model.config.num_hidden_layers)
-    biases = [state.get(f"layer.{i}.attention.{p}_proj.bias") for i in range(depth) for p in "qv"]
-    nonzero = any(b is not None and bool(b.abs().max() > 0) for b in biases)
-    if qkv_bias is None:
-        qkv_bias = nonzero
-    if nonzero and not qkv_bias:
-        raise InputError("the model has non-zero q/v biases, a plain timm checkpoint would drop them",
-                         hint="export with qkv_bias=True (timm's *_qkvb models)")
-    top = {v: k for k, v in _TIMM_TOP_TO_HF.items() if k != "mask_token"}
-    block = {v: k for k, v in _TIMM_BLOCK_TO_HF.items()}
-    mlp = {v: k for k, v in (_TIMM_SWIGLU_TO_HF if vfm.model.config.use_gated_mlp else _TIMM_MLP_TO_HF).items()}
-    out: StateDict = {}
-    for key, tensor in state.items():
-        if key in top:
-            out[top[key]] = tensor
-            continue
-        match = re.match(r"^layer\.(\d+)\.(.+)$", key)
-        if match is None:
-            continue  # mask_token: pretraining only, timm has none
-        index, rest = match.groups()
-        prefix = f"blocks.{index}."
-        if rest in ("attention.q_proj.weight", "attention.k_proj.weight", "attention.v_proj.weight"):
-            if rest.startswith("attention.q"):  # fused once per block: rows [q | k | v]
-                parts = [state[f"layer.{index}.attention.{p}_proj.weight"] for p in "qkv"]
-                out[prefix + "attn.qkv.weight"] = torch.cat(parts, dim=0)
-        elif rest == "attention.k_proj.bias":
-            if bool(tensor.abs().max() > 0):
-                raise InputError("the model has a non-zero k bias, which timm's DINOv3 cannot hold")
-        elif rest in block:
-            if block[rest] in ("attn.q_bias", "attn.v_bias") and not qkv_bias:
-                continue
-            out[prefix + block[rest]] = tensor
-        elif rest.startswith("mlp."):
-            layer, _, param = rest[len("mlp."):].partition(".")
-            out[f"{prefix}mlp.{mlp[layer]}.{param}"] = tensor
-        else:
-            raise InputError(f"cannot export transformers key {key!r} to timm")
-    if int(vfm.model.config.num_register_tokens) == 0:
-        out.pop("reg_token", None)
-    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
-
-
-def _hf_state_on_disk(vfm: DenseVFM) -> StateDict:
-    """The model's state dict with the on-disk ``layer.N.`` prefix, whatever the transformers version."""
-    prefix = _layer_prefix(vfm.model)
-    return {("layer." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in vfm.model.state_dict().items()}
-
-
 # --------------------------------------------------------------------------------------------- Meta
 
 
@@ -408,7 +398,7 @@ def _from_meta(state_dict: Mapping[str, torch.Tensor], *, name: str, normalizati
     config, hf_state = timm_to_transformers(timm_state, num_heads=num_heads, rope_periods=extras.rope_periods,
                                             source=name)
     model = build_dinov3_model(config, hf_state, source=name)
-    return DenseVFM(model, name=name, normalization=resolve_normalization(normalization, name),
+    return DenseVFM(model, name=name, normalization=_normalization(normalization, None, name),
                     rope_periods=extras.rope_periods)
 
 
@@ -453,39 +443,16 @@ def meta_to_timm(state_dict: Mapping[str, torch.Tensor], *, source: str = "Meta 
     return out, MetaExtras(rope_periods=periods, mask_token=mask_token)
 
 
-def export_meta_state_dict(vfm: DenseVFM) -> StateDict:
-    """Export a DINOv3 :class:`DenseVFM` in Meta's key format (the inverse of :func:`meta_to_timm` + mapping)."""
-    timm_state = transformers_to_timm(vfm, qkv_bias=True)
-    hidden = vfm.feature_dim
-    state = _hf_state_on_disk(vfm)
-    renames = {v: k for k, v in _META_BLOCK_RENAMES.items()}
-    out: StateDict = {}
-    for key, tensor in timm_state.items():
-        match = _BLOCK.match(key)
-        if key == "reg_token":
-            out["storage_tokens"] = tensor
-        elif match is None:
-            out[key] = tensor
-        else:
-            index, rest = match.groups()
-            prefix = f"blocks.{index}."
-            if rest in ("attn.q_bias", "attn.v_bias"):
-                continue
-            out[prefix + renames.get(rest, rest)] = tensor
-            if rest == "attn.qkv.weight":
-                k_bias = state.get(f"layer.{index}.attention.k_proj.bias", torch.zeros(hidden)).float().cpu()
-                q_bias, v_bias = timm_state[prefix + "attn.q_bias"], timm_state[prefix + "attn.v_bias"]
-                out[prefix + "attn.qkv.bias"] = torch.cat([q_bias, k_bias, v_bias])
-                # Meta multiplies the bias by this mask; its k third is 0 unless the model has a real k bias.
-                k_mask = torch.ones(hidden) if bool(k_bias.abs().max() > 0) else torch.zeros(hidden)
-                out[prefix + "attn.qkv.bias_mask"] = torch.cat([torch.ones(hidden), k_mask, torch.ones(hidden)])
-    out.setdefault("storage_tokens", torch.zeros(1, 0, hidden))
-    out["mask_token"] = state["embeddings.mask_token"].detach().float().cpu().reshape(1, hidden)
-    out["rope_embed.periods"] = vfm.rope_periods
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _normalization(explicit: Normalization | str | None, recorded: Normalization | None,
+                   source: str) -> Normalization:
+    """``explicit``, else what the weights recorded, else ImageNet's statistics with a warning."""
+    if explicit is None and recorded is None:
+        logger.warning("%s records no pixel statistics; using ImageNet's. Pass normalization='sat493m' (or convert "
+                       "it with `coninfer models convert --normalization sat493m`) for SAT-493M weights", source)
+    return resolve_normalization(explicit, recorded or IMAGENET)
 
 
 def _resolve_num_heads(hidden: int, explicit: int | None, periods: torch.Tensor | None, source: str) -> int:

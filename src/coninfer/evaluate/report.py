@@ -9,11 +9,11 @@ the datasets we have results for (the paper's printed Average when we have all o
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from coninfer._fs import atomic_write_text
 from coninfer.errors import InputError, InputFileError, OutputError
 from coninfer.evaluate.runner import EvalResult
 from coninfer.evaluate.specs import METRIC_FOREGROUND_IOU, METRIC_MIOU, datasets_of_table, paper_results
@@ -127,11 +127,9 @@ def write_results_json(results: Sequence[EvalResult | Mapping[str, Any]], path: 
     """Write results as a JSON list of result dicts (atomically); returns the path."""
     path = Path(path)
     payload = [_as_result(r).to_dict() for r in results]
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
+        atomic_write_text(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
     except OSError as error:
         raise OutputError(f"cannot write results {path}: {error}", hint="check the folder is writable") from error
     return path

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from coninfer._fs import atomic_write_text
 from coninfer.errors import InputError, OutputError
 from coninfer.evaluate.loaders import list_samples, load_sample
 from coninfer.evaluate.metrics import ConfusionMatrix
@@ -147,11 +147,9 @@ def _load_state(path: Path, fingerprint: dict[str, Any], spec: DatasetSpec) -> t
 
 def _save_state(path: Path, fingerprint: dict[str, Any], matrix: ConfusionMatrix, done: int) -> None:
     payload = {"version": _STATE_VERSION, "fingerprint": fingerprint, "n_done": done, "matrix": matrix.to_list()}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(payload), encoding="utf-8")
-        os.replace(temporary, path)
+        atomic_write_text(path, json.dumps(payload))
     except OSError as error:
         raise OutputError(f"cannot write evaluation state {path}: {error}", hint="check the folder is writable") from error
 

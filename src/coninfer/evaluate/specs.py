@@ -26,6 +26,12 @@ METRIC_MIOU = "mIoU"
 METRIC_FOREGROUND_IOU = "IoU_foreground"
 _DINOV3_BACKBONES = ("dinov3_vitl16", "dinov3_vith16plus")
 _DINOV3_WEIGHTS = ("sat493m", "lvd1689m")
+# the vfm preset of each of the paper's DINOv3s
+VFM_PRESETS = {"dinov3_vitl16_sat493m": "dinov3-l16-sat", "dinov3_vith16plus_lvd1689m": "dinov3-h16plus-lvd"}
+# Eval protocol: the reference code normalises every DINOv3's input with the SAT-493M statistics, also the LVD-1689M
+# ViT-H+ (UAVid, VDD) trained on ImageNet statistics. Evaluation therefore takes the statistics of this preset
+# for every VFM, not those of the VFM's own weights.
+EVAL_VFM_NORMALIZATION_PRESET = "dinov3-l16-sat"
 
 
 def _require(condition: bool, owner: str, field: str, value: object, hint: str) -> None:
@@ -95,14 +101,15 @@ class LabelEncoding:
 class ConInferSettings:
     """The per-dataset settings of ConInfer's config (``configs_ConInfer/cfg_*.py`` merged with the base config).
 
-    ``vfm_backbone``/``vfm_weights``: DINOv3 ViT-H+/16 LVD-1689M for UAVid and VDD, ViT-L/16 SAT-493M otherwise;
-    ``vfm_mean``/``vfm_std`` are the SAT-493M statistics, applied to every dataset as the reference code does.
+    ``vfm_backbone``/``vfm_weights``: DINOv3 ViT-H+/16 LVD-1689M for UAVid and VDD, ViT-L/16 SAT-493M otherwise
+    (preset :attr:`vfm_preset`). :attr:`vfm_normalization` is the eval protocol's pixel statistics: those of
+    preset :data:`EVAL_VFM_NORMALIZATION_PRESET` (SAT-493M) for every dataset, as the reference code does.
     ``batch_size`` is the context size: the number of images one Gaussian mixture is fitted over.
     ``baseline_prob_thd`` is the threshold of the MaskCLIP* baseline config (``configs_baseline``).
     """
 
     prob_thd: float
-    bg_idx: int
+    bg_index: int
     gmm_temp: float
     attn_lambda: float
     logit_scale: float
@@ -110,13 +117,11 @@ class ConInferSettings:
     vfm_weights: str
     batch_size: int = 50
     baseline_prob_thd: float = 0.0
-    vfm_mean: tuple[float, float, float] = (0.43, 0.411, 0.296)
-    vfm_std: tuple[float, float, float] = (0.213, 0.156, 0.143)
 
     def __post_init__(self) -> None:
         owner = "ConInferSettings"
         _require(0.0 <= self.prob_thd <= 1.0, owner, "prob_thd", self.prob_thd, "a probability in [0, 1]")
-        _require(self.bg_idx >= 0, owner, "bg_idx", self.bg_idx, "a class index >= 0")
+        _require(self.bg_index >= 0, owner, "bg_index", self.bg_index, "a class index >= 0")
         _require(self.gmm_temp > 0, owner, "gmm_temp", self.gmm_temp, "a positive temperature")
         _require(0.0 <= self.attn_lambda <= 1.0, owner, "attn_lambda", self.attn_lambda, "a weight in [0, 1]")
         _require(self.logit_scale > 0, owner, "logit_scale", self.logit_scale, "a positive scale")
@@ -128,6 +133,29 @@ class ConInferSettings:
     def vfm(self) -> str:
         """``"dinov3_vitl16_sat493m"`` or ``"dinov3_vith16plus_lvd1689m"``."""
         return f"{self.vfm_backbone}_{self.vfm_weights}"
+
+    @property
+    def vfm_preset(self) -> str:
+        """The vfm preset of :attr:`vfm` (``dinov3-l16-sat`` or ``dinov3-h16plus-lvd``)."""
+        if self.vfm not in VFM_PRESETS:
+            raise InputError(f"no vfm preset for {self.vfm!r}", hint=f"known: {', '.join(VFM_PRESETS)}")
+        return VFM_PRESETS[self.vfm]
+
+    @property
+    def vfm_normalization(self):
+        """The eval protocol's VFM pixel statistics (a :class:`~coninfer.encoders.Normalization`), read from the
+        presets: :data:`EVAL_VFM_NORMALIZATION_PRESET`'s, whatever :attr:`vfm` is."""
+        from coninfer.encoders.presets import get_preset
+
+        return get_preset(EVAL_VFM_NORMALIZATION_PRESET, "vfm").normalization
+
+    @property
+    def vfm_mean(self) -> tuple[float, float, float]:
+        return self.vfm_normalization.mean
+
+    @property
+    def vfm_std(self) -> tuple[float, float, float]:
+        return self.vfm_normalization.std
 
 
 @dataclass(frozen=True)
@@ -214,7 +242,7 @@ class DatasetSpec:
                 self.foreground_index,
                 "single-class datasets name the index of their foreground class",
             )
-        _require(self.coninfer.bg_idx < self.num_classes, owner, "coninfer.bg_idx", self.coninfer.bg_idx, "a class index")
+        _require(self.coninfer.bg_index < self.num_classes, owner, "coninfer.bg_index", self.coninfer.bg_index, "a class index")
 
     @property
     def num_classes(self) -> int:
@@ -271,7 +299,6 @@ def _build_spec(name: str, raw: Mapping[str, Any]) -> DatasetSpec:
     index_to_class = encoding["eval_index_to_class"]
     coninfer = raw["coninfer"]
     layout = raw["layout"]
-    defaults = _raw_specs()["defaults"]["dinov3"]
     return DatasetSpec(
         name=name,
         task=raw["task"],
@@ -295,7 +322,7 @@ def _build_spec(name: str, raw: Mapping[str, Any]) -> DatasetSpec:
         ),
         coninfer=ConInferSettings(
             prob_thd=float(coninfer["prob_thd"]),
-            bg_idx=int(coninfer["bg_idx"]),
+            bg_index=int(coninfer["bg_idx"]),
             gmm_temp=float(coninfer["gmm_temp"]),
             attn_lambda=float(coninfer["attn_lambda"]),
             logit_scale=float(coninfer["logit_scale"]),
@@ -303,8 +330,6 @@ def _build_spec(name: str, raw: Mapping[str, Any]) -> DatasetSpec:
             vfm_weights=coninfer["dinov3_weights"],
             batch_size=int(coninfer["batch_size"]),
             baseline_prob_thd=float(raw["baseline_maskclip_star"]["prob_thd"]),
-            vfm_mean=tuple(defaults["normalize_mean"]),
-            vfm_std=tuple(defaults["normalize_std"]),
         ),
         layout=DatasetLayout(
             root=layout["root"],

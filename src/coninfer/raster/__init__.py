@@ -15,10 +15,12 @@ Typical flow (the pipeline wires the models in between)::
 from __future__ import annotations
 
 from coninfer.raster.read import (
+    GDAL_CACHE_BYTES,
     STATS_SIZE,
     STRETCH_PERCENTILES,
     Georef,
     Scene,
+    gdal_cache_env,
     open_scene,
     parse_bands,
     read_overview,
@@ -53,6 +55,7 @@ from coninfer.raster.write import (
 
 __all__ = [
     "DEFAULT_OVERLAP",
+    "GDAL_CACHE_BYTES",
     "DEFAULT_TILE_SIZE",
     "NODATA_LABEL",
     "STATS_SIZE",
@@ -72,6 +75,7 @@ __all__ = [
     "class_statistics",
     "count_classes",
     "default_colors",
+    "gdal_cache_env",
     "open_scene",
     "parse_bands",
     "read_overview",

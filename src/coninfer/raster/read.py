@@ -1,152 +1,73 @@
 """Open an input scene once, then read it window by window as 8-bit RGB plus a validity mask.
 
-``open_scene`` checks the file and the band choice, and reads one decimated copy of the scene (at most
-``STATS_SIZE`` pixels along its longer side) to learn everything that needs the whole scene: the per-band
-stretch for non-uint8 data and whether any pixel is valid at all. Nothing else reads more than one window.
+``open_scene`` checks the input and the band choice, and reads one bounded sample of the scene
+(:mod:`coninfer.raster.sample`: from overviews, a decimated read, or blocks spread over the scene) to learn
+what needs the whole scene: the per-band stretch for non-uint8 data, fill values of untagged float data, and
+whether any pixel is valid at all. uint8 data with no mask needs neither, and is not read at open. Nothing
+else reads more than one window.
 
-Validity follows GDAL's mask bands (``read_masks``), so a nodata value, an alpha band and an internal or
-``.msk`` mask all work the same way: a pixel is valid when any selected band's mask is non-zero (GDAL's
-dataset-mask rule, so a dark pixel with one channel equal to nodata stays valid). Float data also needs
-finite values.
+Inputs: local files, ``/vsi...`` paths, URLs (read through GDAL's virtual file systems, window by window) and
+subdataset names such as ``GTIFF_DIR:2:scene.tif`` (:mod:`coninfer.raster.source`). Georeferencing in any
+form GDAL knows is kept (:mod:`coninfer.raster.georef`). Validity follows GDAL's mask bands: a pixel is valid
+when ANY selected band's mask is non-zero (:mod:`coninfer.raster.bands`). A paletted band is expanded to RGB
+through its colour table.
 
 A rasterio dataset is not thread-safe: read each scene from one thread, or open one dataset per thread.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
 from rasterio.windows import Window, WindowError
 
-from coninfer.errors import InputError, InputFileError
-from coninfer.raster import geodesy
+from coninfer.errors import InputError
+from coninfer.raster import source
+from coninfer.raster.bands import BandReader, check_nodata, palette_table
+from coninfer.raster.georef import Georef
+from coninfer.raster.sample import STATS_SIZE, decimated_read, sample_scene
+from coninfer.raster.source import GDAL_CACHE_BYTES, gdal_cache_env
+from coninfer.raster.stretch import (
+    STRETCH_PERCENTILES,
+    detect_fills,
+    format_value,
+    percentile_stretch,
+    to_uint8,
+)
 
-STATS_SIZE = 1024
-"""Longest side, in pixels, of the decimated read behind the stretch and the emptiness check (~1024² samples)."""
-
-STRETCH_PERCENTILES = (2.0, 98.0)
-"""Percentiles of the valid pixels of each band mapped to 0 and 255 for data that is not uint8."""
+logger = logging.getLogger(__name__)
 
 _BANDS_HINT = "pass --bands with 3 distinct 1-based band indexes (e.g. --bands 3,2,1) or one band (--bands 1)"
-
-
-@dataclass(frozen=True)
-class Georef:
-    """Pixel grid of a scene: size, CRS (None when not georeferenced) and affine pixel -> map transform."""
-
-    width: int
-    height: int
-    crs: CRS | None
-    transform: Affine
-
-    def __post_init__(self) -> None:
-        if self.width < 1 or self.height < 1:
-            raise ValueError(f"Georef width and height must be >= 1, got {self.width}x{self.height}")
-
-    @property
-    def res(self) -> tuple[float, float]:
-        """Pixel size (x, y) in CRS units, as rasterio's ``dataset.res``."""
-        a, b, _, d, e, _ = self.transform[:6]
-        return math.hypot(a, d), math.hypot(b, e)
-
-    @property
-    def is_projected(self) -> bool:
-        """True when the CRS is projected, so areas can be given in m²."""
-        return self.crs is not None and self.crs.is_projected
-
-    @property
-    def linear_units(self) -> str | None:
-        """Name of the projected CRS's linear unit ("metre", "US survey foot"), None otherwise."""
-        return self.crs.linear_units_factor[0] if self.is_projected else None
-
-    @property
-    def metres_per_unit(self) -> float | None:
-        """Length of one projected CRS unit in metres (0.3048... for feet), None when not projected."""
-        return self.crs.linear_units_factor[1] if self.is_projected else None
-
-    @property
-    def is_geographic(self) -> bool:
-        """True when the CRS is longitude/latitude, so a pixel's area in m² depends on its latitude."""
-        return self.crs is not None and self.crs.is_geographic
-
-    @property
-    def area_unit(self) -> str:
-        """Unit of :meth:`pixel_areas`: "m2" (projected or geographic CRS), "pixel" (no CRS, identity
-        transform) or "map_unit2" (no CRS but a transform)."""
-        if self.is_projected or self.is_geographic:
-            return "m2"
-        return "pixel" if self.transform.is_identity else "map_unit2"
-
-    @property
-    def pixel_area(self) -> float:
-        """Area of one pixel in :attr:`area_unit`: ``|a*e - b*d|`` of the transform, times the squared metre
-        factor of the CRS unit when projected (so feet become m²). For a geographic CRS, where the area depends
-        on the latitude, the area of the scene's centre pixel (use :meth:`pixel_areas` to sum areas)."""
-        if self.is_geographic:
-            centre = Window(self.width // 2, self.height // 2, 1, 1)
-            return float(self.pixel_areas(centre)[0, 0])
-        a, b, _, d, e, _ = self.transform[:6]
-        area = abs(a * e - b * d)
-        return area * self.metres_per_unit**2 if self.is_projected else area
-
-    def pixel_areas(self, window: Window) -> np.ndarray:
-        """Area of each pixel of ``window`` in :attr:`area_unit`, float64 broadcastable to (h, w): (1, 1) when
-        constant, (h, 1) for a geographic CRS whose latitude follows the rows, else (h, w).
-
-        Geographic CRS: each pixel's area on the CRS's ellipsoid (:mod:`coninfer.raster.geodesy`), exact
-        between the latitudes of its edges when latitude depends on the row only, else from the area element
-        at its centre.
-        """
-        if not self.is_geographic:
-            return np.full((1, 1), self.pixel_area)
-        axis, e2 = geodesy.ellipsoid(self.crs)
-        scale = geodesy.radians_per_unit(self.crs)
-        a, b, _, d, e, f = self.transform[:6]
-        rows = window.row_off + np.arange(int(window.height), dtype=np.float64)
-        if d == 0:  # latitude = f + e * row: exact zone area between the pixel's top and bottom edges
-            top = geodesy.zone_area((f + e * rows) * scale, axis, e2)
-            bottom = geodesy.zone_area((f + e * (rows + 1)) * scale, axis, e2)
-            return (abs(a) * scale * np.abs(bottom - top))[:, None]
-        cols = window.col_off + np.arange(int(window.width), dtype=np.float64)
-        latitude = (f + d * (cols[None, :] + 0.5) + e * (rows[:, None] + 0.5)) * scale
-        return abs(a * e - b * d) * scale**2 * geodesy.area_density(latitude, axis, e2)
-
-    def profile(self, *, count: int, dtype: str, nodata: float | None = None) -> dict:
-        """rasterio creation profile of a tiled GeoTIFF on this grid."""
-        return {
-            "driver": "GTiff",
-            "width": self.width,
-            "height": self.height,
-            "count": count,
-            "dtype": dtype,
-            "crs": self.crs,
-            "transform": self.transform,
-            "nodata": nodata,
-        }
 
 
 @dataclass(frozen=True)
 class Scene:
     """Metadata of an opened input raster; pixels are read later with :func:`read_window`.
 
+    ``path`` is a ``Path`` for local files, the ``str`` GDAL opens otherwise (URL, /vsi path, subdataset).
     ``bands`` are the three 1-based band indexes read as R, G, B (a single band is repeated three times).
     ``stretch`` holds the (low, high) input values mapped to 0 and 255 for each of them, None for uint8 data.
-    ``valid_fraction`` is the share of valid pixels in the decimated read (0.0 means an all-nodata scene).
+    ``valid_fraction`` is the share of valid pixels in the statistics sample (0.0: an all-nodata scene).
+    ``nodata`` is the effective nodata value: the file's, or the one passed to :func:`open_scene`
+    (``nodata_explicit``). ``expanded_palette``: one paletted band read as RGB through its colour table.
+    ``fill_values``: untagged fill values found in the sample (left out of the stretch, still valid).
+    ``stats_source``: how the sample was read ("overviews", "decimated", "blocks", or "none": not needed).
+    ``pages``: number of pages (TIFF directories) of the file; page 1 is read unless the path names one.
     """
 
-    path: Path
+    path: Path | str
     driver: str
     georef: Georef
     band_count: int
@@ -156,6 +77,13 @@ class Scene:
     alpha_band: int | None
     stretch: tuple[tuple[float, float], ...] | None
     valid_fraction: float
+    nodata_explicit: bool = False
+    expanded_palette: bool = False
+    fill_values: tuple[float, ...] = ()
+    stats_source: str = "decimated"
+    pages: int = 1
+    palette: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """(N, 4) uint8 RGBA colour table of the paletted band when ``expanded_palette``."""
 
     def __post_init__(self) -> None:
         if len(self.bands) != 3 or not all(1 <= b <= self.band_count for b in self.bands):
@@ -164,6 +92,8 @@ class Scene:
             raise ValueError(f"Scene stretch must hold 3 (low, high) pairs, got {self.stretch}")
         if not 0.0 <= self.valid_fraction <= 1.0:
             raise ValueError(f"Scene valid_fraction must be in [0, 1], got {self.valid_fraction}")
+        if self.expanded_palette != (self.palette is not None):
+            raise ValueError("Scene expanded_palette must be True exactly when a palette is given")
 
     @property
     def width(self) -> int:
@@ -204,10 +134,16 @@ class Scene:
         """Profile for writing a single-band uint8 raster on the scene's grid (see :meth:`Georef.profile`)."""
         return self.georef.profile(count=1, dtype="uint8", nodata=255)
 
+    @property
+    def reader(self) -> BandReader:
+        """How :func:`read_window` reads the scene's bands and validity."""
+        return BandReader(self.bands, self.nodata if self.nodata_explicit else None, self.palette)
+
     @contextmanager
     def open(self) -> Iterator[DatasetReader]:
-        """Open the underlying dataset (to reuse across many :func:`read_window` calls)."""
-        with _quiet(), rasterio.open(self.path) as src:
+        """Open the underlying dataset (to reuse across many :func:`read_window` calls); remote paths get
+        :data:`~coninfer.raster.source.REMOTE_OPTIONS` while it is open."""
+        with _quiet(), source.gdal_env(self.path), rasterio.open(self.path) as src:
             yield src
 
 
@@ -221,33 +157,32 @@ def parse_bands(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def open_scene(path: str | Path, *, bands: Sequence[int] | None = None) -> Scene:
-    """Check an input raster and return its :class:`Scene` (one decimated read, never the full raster).
+def open_scene(
+    path: str | Path, *, bands: Sequence[int] | None = None, nodata: float | None = None
+) -> Scene:
+    """Check an input raster and return its :class:`Scene` (one bounded sample, never the full raster).
 
     Args:
-        path: GeoTIFF or any raster GDAL reads; PNG/JPEG without georeferencing get the identity transform
-            and ``crs=None``.
+        path: GeoTIFF or any raster GDAL reads (PNG/JPEG without georeferencing get the identity transform and
+            ``crs=None``); a URL (``https://``, ``s3://``, ``gs://``...), a ``/vsi...`` path or a subdataset
+            name such as ``GTIFF_DIR:2:scene.tif``.
         bands: 1-based band indexes read as R, G, B (3 distinct indexes), or one index for a greyscale
-            image. Default: the first three non-alpha bands.
+            image (a paletted band is expanded through its colour table). Default: the first three non-alpha
+            bands, or the one band of a paletted raster.
+        nodata: nodata value of the selected bands, replacing the file's (``--nodata``); NaN is allowed.
 
     Raises:
-        InputFileError: missing file, a folder, or a file GDAL cannot read.
-        InputError: fewer than 3 bands without ``bands``, a band index out of range, a repeated band.
+        InputFileError: missing file, a folder, a file GDAL cannot read, an unreachable URL, a server without
+            HTTP range requests.
+        InputError: fewer than 3 bands without ``bands``, a band index out of range, a repeated band, a
+            paletted band among three, a nodata value the band type cannot hold.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputFileError(f"input raster {path} does not exist", hint="check the path")
-    if path.is_dir():
-        raise InputFileError(f"input raster {path} is a folder", hint="pass a raster file such as a GeoTIFF")
+    path = source.source_path(path)
     try:
-        with _quiet(), rasterio.open(path) as src:
-            return _scene_from_dataset(path, src, bands)
+        with _quiet(), source.gdal_env(path), rasterio.open(path) as src:
+            return _scene_from_dataset(path, src, bands, nodata)
     except RasterioError as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputFileError(
-            f"cannot read {path} as a raster: {reason}",
-            hint="pass a GeoTIFF, PNG or JPEG file and check that it is complete",
-        ) from error
+        raise source.open_error(path, error) from error
 
 
 def read_window(
@@ -281,10 +216,10 @@ def read_window(
     rows, cols = slice(row0, row0 + int(inner.height)), slice(col0, col0 + int(inner.width))
     if src is None:
         with scene.open() as opened:
-            data, mask = _read_bands(opened, scene.bands, window=inner)
+            data, mask = scene.reader.read(opened, window=inner)
     else:
-        data, mask = _read_bands(src, scene.bands, window=inner)
-    rgb[:, rows, cols] = _to_uint8(data, mask, scene.stretch)
+        data, mask = scene.reader.read(src, window=inner)
+    rgb[:, rows, cols] = to_uint8(data, mask, scene.stretch)
     valid[rows, cols] = mask
     return rgb, valid
 
@@ -296,49 +231,98 @@ def read_overview(scene: Scene, *, max_size: int = STATS_SIZE) -> tuple[np.ndarr
         rgb: (3, h, w) uint8 with the scene's stretch; valid: (h, w) bool.
     """
     with scene.open() as src:
-        data, mask = _read_bands(
-            src, scene.bands, out_shape=_decimated_shape(scene.height, scene.width, max_size)
-        )
-    return _to_uint8(data, mask, scene.stretch), mask
+        data, mask = decimated_read(src, scene.reader, max_size)
+    return to_uint8(data, mask, scene.stretch), mask
 
 
 def scene_is_empty(scene: Scene) -> bool:
-    """True when no pixel of the decimated read is valid (the scene is entirely nodata).
+    """True when no pixel of the statistics sample is valid (the scene is entirely nodata).
 
-    Decided from the ~1024² decimated mask, so a valid area thinner than about 1/1024 of the scene's longer
-    side can be missed; such a scene yields almost nothing anyway.
+    A sample of blocks that finds no valid pixel is checked again with a decimated read of the whole scene,
+    so only a valid area thinner than about 1/1024 of the scene's longer side can be missed.
     """
     return scene.valid_fraction == 0.0
 
 
-def _scene_from_dataset(path: Path, src: DatasetReader, bands: Sequence[int] | None) -> Scene:
+def _scene_from_dataset(
+    path: Path | str, src: DatasetReader, bands: Sequence[int] | None, nodata: float | None
+) -> Scene:
+    pages = _page_count(path, src)
     alpha_bands = [i for i, interp in enumerate(src.colorinterp, start=1) if interp == ColorInterp.alpha]
     alpha_band = alpha_bands[0] if alpha_bands else None
-    selected = _select_bands(path, src.count, alpha_band, bands)
+    selected = _select_bands(path, src, alpha_band, bands)
     dtype = src.dtypes[selected[0] - 1]
-    data, mask = _read_bands(src, selected, out_shape=_decimated_shape(src.height, src.width, STATS_SIZE))
-    stretch = None if dtype == "uint8" else _percentile_stretch(data, mask)
-    crs = src.crs if src.crs else None
+    palette = palette_table(src, selected[0]) if len(set(selected)) == 1 else None
+    if nodata is not None:
+        nodata = check_nodata(nodata, dtype)
+    reader = BandReader(selected, nodata, palette)
+    stretch, fills, valid_fraction, stats_source = None, (), 1.0, "none"
+    needs_stretch = dtype != "uint8" and palette is None
+    if needs_stretch or reader.reads_masks(src):
+        sample = sample_scene(src, reader)
+        stats_source, valid_fraction = sample.source, float(sample.valid.mean())
+        if needs_stretch:
+            fills = tuple(value for value, _ in _warn_fills(path, sample.data, sample.valid, dtype))
+            stretch = percentile_stretch(sample.data, sample.valid, ignore=fills)
     return Scene(
         path=path,
         driver=src.driver,
-        georef=Georef(width=src.width, height=src.height, crs=crs, transform=src.transform),
+        georef=_georef(src),
         band_count=src.count,
         bands=selected,
         dtype=dtype,
-        nodata=src.nodata,
+        nodata=src.nodata if nodata is None else nodata,
         alpha_band=alpha_band,
         stretch=stretch,
-        valid_fraction=float(mask.mean()),
+        valid_fraction=valid_fraction,
+        nodata_explicit=nodata is not None,
+        expanded_palette=palette is not None,
+        fill_values=fills,
+        stats_source=stats_source,
+        pages=pages,
+        palette=palette,
     )
 
 
+def _georef(src: DatasetReader) -> Georef:
+    """The dataset's georeferencing: geotransform and CRS, else GCPs and their CRS; RPCs when present."""
+    gcps, gcp_crs = src.gcps
+    has_geotransform = not src.transform.is_identity
+    crs = src.crs if src.crs else None
+    if not has_geotransform and len(gcps) >= 3:
+        return Georef(src.width, src.height, gcp_crs or crs, src.transform, tuple(gcps), src.rpcs)
+    return Georef(src.width, src.height, crs, src.transform, (), src.rpcs)
+
+
+def _page_count(path: Path | str, src: DatasetReader) -> int:
+    """Pages of a multi-page TIFF (warned about: page 1 is read), 1 otherwise. A file whose bands all live in
+    subdatasets (NetCDF, HDF) is an error naming one to pass."""
+    subdatasets = src.subdatasets
+    if src.count == 0:
+        example = subdatasets[0] if subdatasets else None
+        raise InputError(
+            f"{path} has no raster bands of its own" + (f" but {len(subdatasets)} subdatasets" if example else ""),
+            hint=f"pass one subdataset as the input, e.g. {example}" if example else "pass a raster file",
+        )
+    pages = [name for name in subdatasets if name.startswith("GTIFF_DIR:")]
+    if len(pages) > 1:
+        logger.warning(
+            "%s holds %d pages (TIFF directories); reading page 1: pass GTIFF_DIR:N:%s as the input to read "
+            "page N", path, len(pages), path,
+        )
+    return max(1, len(pages))
+
+
 def _select_bands(
-    path: Path, count: int, alpha_band: int | None, bands: Sequence[int] | None
+    path: Path | str, src: DatasetReader, alpha_band: int | None, bands: Sequence[int] | None
 ) -> tuple[int, int, int]:
-    """Resolve the user's band choice (or the default: first three non-alpha bands) to 3 indexes."""
+    """Resolve the user's band choice (or the default: first three non-alpha bands, or the one paletted
+    band) to 3 indexes."""
+    count = src.count
     if bands is None:
         colour = [i for i in range(1, count + 1) if i != alpha_band]
+        if len(colour) == 1 and src.colorinterp[colour[0] - 1] == ColorInterp.palette:
+            return colour[0], colour[0], colour[0]  # expanded through its colour table
         if len(colour) < 3:
             raise InputError(
                 f"{path} has {len(colour)} colour band(s) but RGB needs 3",
@@ -357,55 +341,25 @@ def _select_bands(
     repeated = sorted({b for b in bands if bands.count(b) > 1})
     if repeated:
         raise InputError(f"band {repeated[0]} is listed twice in --bands {bands}", hint=_BANDS_HINT)
+    paletted = [b for b in bands if src.colorinterp[b - 1] == ColorInterp.palette]
+    if len(bands) == 3 and paletted:
+        raise InputError(
+            f"band {paletted[0]} of {path} is paletted: its values are colour-table indexes, not intensities",
+            hint=f"pass --bands {paletted[0]} alone to read it as RGB through its colour table",
+        )
     return (bands[0],) * 3 if len(bands) == 1 else (bands[0], bands[1], bands[2])
 
 
-def _read_bands(src: DatasetReader, bands: Sequence[int], **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Read bands and their validity: ((3, h, w) source dtype, (h, w) bool). ``kwargs``: window or out_shape."""
-    indexes = list(bands)
-    if "out_shape" in kwargs:
-        kwargs["out_shape"] = (len(indexes), *kwargs["out_shape"])
-        kwargs["resampling"] = Resampling.nearest
-    data = src.read(indexes, **kwargs)
-    valid = (src.read_masks(indexes, **kwargs) > 0).any(axis=0)
-    if np.issubdtype(data.dtype, np.floating):
-        valid &= np.isfinite(data).all(axis=0)
-    return data, valid
-
-
-def _decimated_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
-    """(h, w) of a read whose longer side is at most ``max_size``, keeping the aspect ratio."""
-    scale = min(1.0, max_size / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def _percentile_stretch(data: np.ndarray, valid: np.ndarray) -> tuple[tuple[float, float], ...]:
-    """Per band (low, high) = 2nd and 98th percentiles of the valid pixels of data (3, h, w)."""
-    low_q, high_q = STRETCH_PERCENTILES
-    stretch = []
-    for band in data:
-        values = band[valid].astype(np.float64)
-        if values.size == 0:
-            stretch.append((0.0, 1.0))  # all nodata: any range will do, nothing valid gets drawn
-            continue
-        low, high = np.percentile(values, [low_q, high_q])
-        stretch.append((float(low), float(max(high, low + 1e-6))))  # a constant band must not divide by 0
-    return tuple(stretch)
-
-
-def _to_uint8(
-    data: np.ndarray, valid: np.ndarray, stretch: tuple[tuple[float, float], ...] | None
-) -> np.ndarray:
-    """(3, h, w) source values -> (3, h, w) uint8: as is for uint8, else linearly mapped low..high -> 0..255."""
-    if stretch is None:
-        rgb = data.astype(np.uint8, copy=True)
-    else:
-        low = np.array([s[0] for s in stretch], dtype=np.float32)[:, None, None]
-        high = np.array([s[1] for s in stretch], dtype=np.float32)[:, None, None]
-        scaled = (data.astype(np.float32) - low) * (255.0 / (high - low))
-        rgb = np.rint(np.clip(np.nan_to_num(scaled), 0.0, 255.0)).astype(np.uint8)
-    rgb[:, ~valid] = 0
-    return rgb
+def _warn_fills(path, data: np.ndarray, valid: np.ndarray, dtype: str) -> tuple[tuple[float, float], ...]:
+    """Detect untagged fill values in the sample and warn once per value (one line, naming --nodata)."""
+    fills = detect_fills(data, valid)
+    for value, share in fills:
+        text = format_value(value, dtype)
+        logger.warning(
+            "%s: %s (%.1f%% of the sampled pixels) looks like an untagged fill value; the stretch ignores it, "
+            "pass --nodata %s to mark those pixels as nodata", path, text, 100 * share, text,
+        )
+    return fills
 
 
 @contextmanager
@@ -417,10 +371,12 @@ def _quiet() -> Iterator[None]:
 
 
 __all__ = [
+    "GDAL_CACHE_BYTES",
     "STATS_SIZE",
     "STRETCH_PERCENTILES",
     "Georef",
     "Scene",
+    "gdal_cache_env",
     "open_scene",
     "parse_bands",
     "read_overview",

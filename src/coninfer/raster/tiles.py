@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from rasterio.windows import Window
 
+from coninfer.postprocess import labels_from_probabilities_np
+
 DEFAULT_TILE_SIZE = 448
 DEFAULT_OVERLAP = 64
 NODATA_LABEL = 255
@@ -259,9 +261,7 @@ def finalize_block(accumulated: np.ndarray, window: Window, prob_thd: float, bg_
     weight_sum = accumulated[-1]
     valid = weight_sum > 0
     probs = accumulated[:-1] / np.where(valid, weight_sum, 1.0)
-    labels = probs.argmax(axis=0).astype(np.uint8)
-    if prob_thd > 0:
-        labels[probs.max(axis=0) < prob_thd] = bg_index
+    labels = labels_from_probabilities_np(probs, prob_thd, bg_index)
     labels[~valid] = NODATA_LABEL
     return StitchedBlock(window=window, labels=labels, probs=probs.astype(np.float32, copy=False), valid=valid)
 

@@ -30,31 +30,17 @@ from rasterio.windows import Window
 from coninfer.errors import OutputError
 from coninfer.raster import geodesy
 from coninfer.raster.read import Georef, _quiet
+from coninfer.raster.style import Color, class_colors, class_map_sidecars, hex_color, write_class_map_sidecars
 from coninfer.raster.tiles import NODATA_LABEL, block_windows
 
-Color = tuple[int, int, int]
-
-# Fixed palette: the first entries suit common land-cover classes in their usual order
-# (background, building, road, tree/forest, low vegetation, water, agriculture, bare soil), then distinct hues.
-# No class is black or white: black is the colour of nodata (255) in viewers that ignore the colour table's
-# alpha, and white would vanish into the preview's legend panel and wash out the image under it.
-_PALETTE: tuple[Color, ...] = (
-    (128, 128, 128), (222, 31, 7), (250, 210, 40), (34, 97, 38), (0, 230, 36), (0, 69, 255), (255, 160, 96),
-    (150, 90, 40), (0, 220, 220), (230, 0, 230), (128, 0, 128), (0, 128, 128), (128, 0, 0), (128, 128, 0),
-    (0, 0, 128), (255, 128, 192), (64, 192, 128), (96, 96, 255), (192, 64, 0), (160, 230, 110),
-)  # fmt: skip
-_EXTRA_COLOR_RANGE = (40, 216)
-"""Channel range of the pseudo-random colours beyond the palette: never near black or white."""
 _COG_OPTIONS = {"compress": "deflate", "blocksize": 512, "bigtiff": "IF_SAFER"}
 _VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 
 
 def default_colors(n: int) -> list[Color]:
-    """``n`` RGB colours: the fixed palette, then deterministic pseudo-random colours beyond its length."""
-    rng = np.random.default_rng(0)
-    low, high = _EXTRA_COLOR_RANGE
-    extra = [tuple(int(v) for v in rng.integers(low, high, 3)) for _ in range(max(0, n - len(_PALETTE)))]
-    return [*_PALETTE, *extra][:n]
+    """``n`` distinct RGB colours for classes without names: :func:`~coninfer.raster.style.class_colors`'s
+    fallback sequence (prefix-stable: the first colours do not depend on ``n``)."""
+    return class_colors([f"class {i}" for i in range(n)])
 
 
 def check_output_path(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Path:
@@ -155,7 +141,9 @@ class _CogWriter:
 class ClassMapWriter(_CogWriter):
     """uint8 class-map COG on ``georef``: colour table, class names in tags, nodata 255, nearest overviews.
 
-    Tags: ``CLASS_NAMES`` (JSON list) on the dataset and ``CLASS_<i>=<name>`` on band 1.
+    Tags: ``CLASS_NAMES`` (JSON list) on the dataset and ``CLASS_<i>=<name>`` on band 1. Colours default to
+    :func:`~coninfer.raster.style.class_colors` of the names. GDAL category names and the QGIS style are
+    sidecar files, written by :func:`write_class_map` or :func:`~coninfer.raster.style.write_class_map_sidecars`.
     """
 
     def __init__(
@@ -167,7 +155,7 @@ class ClassMapWriter(_CogWriter):
     ) -> None:
         if not 1 <= len(class_names) <= NODATA_LABEL:
             raise ValueError(f"class_names must hold 1..{NODATA_LABEL} names, got {len(class_names)}")
-        colors = default_colors(len(class_names)) if colors is None else list(colors)
+        colors = class_colors(class_names) if colors is None else list(colors)
         if len(colors) < len(class_names):
             raise ValueError(f"need {len(class_names)} colors, got {len(colors)}")
         self.num_classes = len(class_names)
@@ -207,12 +195,37 @@ class ProbabilityWriter(_CogWriter):
         if probs.shape[0] != self.num_classes:
             raise ValueError(f"probs must have {self.num_classes} channels, got shape {probs.shape}")
         self._check_window(window, probs.shape[1:])
-        scaled = np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
-        if valid is not None:
-            scaled[:, ~valid] = 0
-        self._dst.write(scaled, window=window)
-        mask = np.full(probs.shape[1:], 255, np.uint8) if valid is None else valid.astype(np.uint8) * 255
-        self._dst.write_mask(mask, window=window)
+        _write_masked(self._dst, window, probs, valid)
+
+
+class ConfidenceWriter(_CogWriter):
+    """Confidence COG: one uint8 band, the top class's probability ``round(255 * max_c p_c)``, band description
+    ``confidence``, average overviews. Invalid pixels are 0 and masked out by the internal mask, as in
+    :class:`ProbabilityWriter` (so the confidence equals the largest band of the probability file; a nodata
+    value of 255 would clash with certain pixels, and 0 may be a real value with over 255 queries)."""
+
+    def __init__(self, path: str | Path, georef: Georef) -> None:
+        def setup(dst: DatasetWriter) -> None:
+            dst.set_band_description(1, "confidence")
+
+        super().__init__(path, georef, count=1, nodata=None, resampling="average", setup=setup)
+
+    def write(self, window: Window, probs: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Write probabilities (C, h, w) in [0, 1] (or their maximum (h, w)) and validity (h, w) bool (None:
+        all valid) at ``window``."""
+        top = probs if probs.ndim == 2 else probs.max(axis=0)
+        self._check_window(window, top.shape)
+        _write_masked(self._dst, window, top[None], valid)
+
+
+def _write_masked(dst: DatasetWriter, window: Window, probs: np.ndarray, valid: np.ndarray | None) -> None:
+    """probs (C, h, w) in [0, 1] as uint8 ``round(255 * p)``, 0 where invalid, plus the internal mask."""
+    scaled = np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if valid is not None:
+        scaled[:, ~valid] = 0
+    dst.write(scaled, window=window)
+    mask = np.full(probs.shape[1:], 255, np.uint8) if valid is None else valid.astype(np.uint8) * 255
+    dst.write_mask(mask, window=window)
 
 
 def write_class_map(
@@ -221,12 +234,20 @@ def write_class_map(
     georef: Georef,
     class_names: Sequence[str],
     colors: Sequence[Color] | None = None,
+    *,
+    sidecars: bool = True,
 ) -> Path:
     """Write a class-map COG (see :class:`ClassMapWriter`) from a full (H, W) uint8 array or from
-    ``(window, labels)`` blocks that cover the scene."""
+    ``(window, labels)`` blocks that cover the scene; with ``sidecars``, then its GDAL category names
+    (``<path>.aux.xml``) and QGIS style (``<stem>.qml``), each atomically."""
+    colors = class_colors(class_names) if colors is None else list(colors)
     with ClassMapWriter(path, georef, class_names, colors) as writer:
         for window, block in _as_blocks(labels, georef):
             writer.write(window, block)
+    if sidecars:
+        for kind, target in class_map_sidecars(path).items():
+            with atomic_path(target) as temporary:
+                write_class_map_sidecars({kind: temporary}, class_names, colors)
     return Path(path)
 
 
@@ -255,11 +276,13 @@ def write_vectors(
     georef: Georef | None = None,
     *,
     layer: str | None = None,
+    colors: Sequence[Color] | None = None,
 ) -> Path:
     """Write one dissolved MultiPolygon per present class to GeoPackage (.gpkg) or GeoJSON (.geojson/.json).
 
     GDAL's polygonize (4-connected) merges touching pixels of a value into one polygon; the polygons of a class
-    become the parts of its MultiPolygon. Attributes: ``class_id``, ``class_name``, ``area`` and ``area_unit``
+    become the parts of its MultiPolygon. Attributes: ``class_id``, ``class_name``, ``color`` (``#rrggbb``, default
+    :func:`~coninfer.raster.style.class_colors`; QGIS: data-defined fill colour), ``area`` and ``area_unit``
     (see :attr:`Georef.area_unit`: m² for a projected or geographic CRS, else map units² or pixels), polygon
     areas summed by the shoelace formula (on the ellipsoid for a geographic CRS, see
     :mod:`~coninfer.raster.geodesy`). Coordinates are in the input CRS. Classes absent from the map get no feature.
@@ -286,8 +309,9 @@ def write_vectors(
             parts = _polygons_by_class(rasterio.band(src, 1), georef, len(class_names))
     schema = {
         "geometry": "MultiPolygon",
-        "properties": {"class_id": "int", "class_name": "str", "area": "float", "area_unit": "str"},
+        "properties": {"class_id": "int", "class_name": "str", "color": "str", "area": "float", "area_unit": "str"},
     }
+    colors = class_colors(class_names) if colors is None else list(colors)
     layer = re.sub(r"\W", "_", layer or path.stem)  # GPKG layer names allow no dots or spaces
     with (
         atomic_path(path) as temporary,
@@ -295,7 +319,8 @@ def write_vectors(
     ):
         for class_id, polygons in sorted(parts.items()):
             area = sum(_polygon_area(rings, georef) for rings in polygons)
-            properties = {"class_id": class_id, "class_name": class_names[class_id], "area": area}
+            properties = {"class_id": class_id, "class_name": class_names[class_id], "color": hex_color(colors[class_id]),
+                          "area": area}
             properties["area_unit"] = georef.area_unit
             sink.write(
                 {"geometry": {"type": "MultiPolygon", "coordinates": polygons}, "properties": properties}
@@ -320,7 +345,7 @@ def write_preview(
         rgb: (3, h, w) uint8 image, e.g. from ``read_overview``; resized to fit ``max_size``.
         labels: (H, W) uint8 class map of the same scene at any size; sampled (nearest) onto the preview.
     """
-    colors = default_colors(len(class_names)) if colors is None else list(colors)
+    colors = class_colors(class_names) if colors is None else list(colors)
     _, height, width = rgb.shape
     scale = min(1.0, max_size / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -432,6 +457,7 @@ def _with_legend(image: Image.Image, class_names: Sequence[str], colors: Sequenc
 
 __all__ = [
     "ClassMapWriter",
+    "ConfidenceWriter",
     "ProbabilityWriter",
     "atomic_path",
     "check_output_path",

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from coninfer._fs import atomic_write_bytes
 from coninfer.errors import InputError, InputFileError, OutputError
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -275,12 +276,9 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     """Write ``data`` atomically unless ``path`` already holds exactly these bytes; True when written."""
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return False
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
+        atomic_write_bytes(path, data)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {error}", hint="check that OUT_DIR is writable and has space") from error
     return True

@@ -9,7 +9,6 @@ anything, and an interrupted conversion resumes where it stopped.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from coninfer._fs import atomic_write_text
 from coninfer.errors import OutputError
 from coninfer.evaluate.converters._io import RawFile, write_if_changed
 
@@ -99,11 +99,9 @@ class _Manifest:
 
     def save(self) -> None:
         payload = {"version": _MANIFEST_VERSION, "dataset": self.dataset, "tasks": self.tasks}
-        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(json.dumps(payload), encoding="utf-8")
-            os.replace(temporary, self.path)
+            atomic_write_text(self.path, json.dumps(payload))
         except OSError as error:
             raise OutputError(f"cannot write {self.path}: {error}", hint="check that OUT_DIR is writable") from error
 

@@ -1,4 +1,4 @@
-"""Tests of coninfer.scene: the Segmenter's store, contexts, stitching and outputs, with the tiny random models."""
+"""Tests of coninfer.segmenter (and the passes of coninfer.pipeline it composes): the Segmenter's store, contexts, stitching and outputs, with the tiny random models."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from coninfer.errors import InputError, InputFileError, OutputError, ResourceErr
 from coninfer.postprocess import class_probabilities, patches_to_grid
 from coninfer.prompts import ClassList
 from coninfer.raster import read
-from coninfer.scene import SceneOptions, Segmenter, check_outputs
-from coninfer.settings import InferenceSettings
+from coninfer.segmenter import Segmenter
+from coninfer.settings import InferenceSettings, SceneOptions
 from coninfer.solver import refine
-from coninfer.store import TileFile, TileStore, locked_folder
+from coninfer.store import TileStore, locked_folder
 from coninfer.tile_step import Models, encode_tiles, load_models
 
 TILE = 32
@@ -47,7 +47,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
 
 @pytest.fixture(scope="module")
 def segmenter(models: Models) -> Segmenter:
-    return Segmenter.from_models(models, SETTINGS)
+    return Segmenter(models, SETTINGS)
 
 
 def _tiles_of(image: np.ndarray, tile: int) -> list[torch.Tensor]:
@@ -66,78 +66,6 @@ class TestSceneOptions:
     def test_invalid_field_is_named(self, kwargs: dict, field: str) -> None:
         with pytest.raises(InputError, match=field.replace("_", "-")):
             SceneOptions(**{"tile_size": 32, **kwargs})
-
-
-class TestTileFile:
-    """Tile records read and written by offset: any index order, runs, bounds, no mapping kept."""
-
-    def test_round_trip_in_any_order(self, tmp_path: Path) -> None:
-        array = TileFile(tmp_path / "a.f32", np.float32, (6, 4, 3), create=True)
-        values = np.arange(4 * 4 * 3, dtype=np.float32).reshape(4, 4, 3)
-        array[[5, 0, 1, 3]] = values  # runs (5), (0, 1), (3)
-        np.testing.assert_array_equal(array[[0, 1]], values[1:3])
-        np.testing.assert_array_equal(array[5], values[0])
-        np.testing.assert_array_equal(array[[3, 5]], values[[3, 0]])
-        np.testing.assert_array_equal(array[2], 0)  # never written: zeros (sparse file)
-        assert array[[0, 1]].flags.writeable
-
-    def test_reopening_keeps_data_and_create_clears_it(self, tmp_path: Path) -> None:
-        path = tmp_path / "b.u8"
-        TileFile(path, np.uint8, (2, 5), create=True)[1] = np.full(5, 7, np.uint8)
-        np.testing.assert_array_equal(TileFile(path, np.uint8, (2, 5), create=False)[1], 7)
-        np.testing.assert_array_equal(TileFile(path, np.uint8, (2, 5), create=True)[1], 0)
-
-    @pytest.mark.parametrize("index", [-1, 2, [1, 2]])
-    def test_out_of_range_is_an_error(self, tmp_path: Path, index) -> None:
-        array = TileFile(tmp_path / "c.f32", np.float32, (2, 3), create=True)
-        with pytest.raises(IndexError):
-            array[index]
-        with pytest.raises(IndexError):
-            array[index] = np.zeros((1 if isinstance(index, int) else 2, 3), np.float32)
-
-
-class TestTileStore:
-    def test_progress_and_data_survive_reopening(self, tmp_path: Path) -> None:
-        store = TileStore(tmp_path, num_tiles=3, num_patches=4, num_queries=2)
-        logits = np.arange(16, dtype=np.float32).reshape(2, 4, 2)
-        features = np.full((2, 4, 5), 0.25, np.float32)
-        store.put([0, 2], logits, features, np.ones((2, 4), np.uint8))
-        store.commit(3, empty=[1])
-        reopened = TileStore(tmp_path, num_tiles=3, num_patches=4, num_queries=2)
-        assert reopened.state == {"version": 1, "next_tile": 3, "empty": [1], "feature_dim": 5, "solved": False}
-        np.testing.assert_array_equal(reopened.logits[[0, 2]], logits)
-        assert reopened.features.dtype == np.float16 and float(reopened.features[2][3, 4]) == 0.25
-        np.testing.assert_array_equal(reopened.valid[1], 0)
-
-    def test_a_fresh_folder_starts_at_tile_zero(self, tmp_path: Path) -> None:
-        store = TileStore(tmp_path, num_tiles=2, num_patches=4, num_queries=2)
-        assert store.state["next_tile"] == 0 and store.features is None
-        assert not (tmp_path / "state.json").exists()  # nothing is recorded before the first commit
-
-
-class TestLockedFolder:
-    def test_one_holder_at_a_time(self, tmp_path: Path) -> None:
-        folder = tmp_path / "work" / "key"
-        with locked_folder(folder):
-            assert folder.is_dir()
-            with pytest.raises(OutputError, match="another run is using the work folder") as error, \
-                    locked_folder(folder):
-                pass
-            assert "--workdir" in error.value.hint
-        with locked_folder(folder):  # released on exit
-            pass
-
-    def test_a_file_system_without_locks_runs_unlocked(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
-        import coninfer.store as store_module
-
-        def unsupported(*args):
-            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-
-        monkeypatch.setattr(store_module.fcntl, "flock", unsupported)
-        with locked_folder(tmp_path / "key"):
-            pass
-        assert "cannot lock the work folder" in caplog.text
 
 
 class TestContexts:
@@ -188,8 +116,8 @@ class TestContexts:
 
     def test_none_context_is_the_baseline(self, models: Models, image: np.ndarray) -> None:
         options = SceneOptions(tile_size=TILE, context="none")
-        prior = Segmenter.from_models(models, SETTINGS).segment_array(image, options)
-        baseline = Segmenter.from_models(models, InferenceSettings().with_values(model_res=32, method="baseline"))
+        prior = Segmenter(models, SETTINGS).segment_array(image, options)
+        baseline = Segmenter(models, InferenceSettings().with_values(model_res=32, method="baseline"))
         np.testing.assert_array_equal(baseline.segment_array(image, SceneOptions(tile_size=TILE))[1], prior[1])
 
     def test_a_sliver_context_keeps_the_prior(self, segmenter: Segmenter, caplog: pytest.LogCaptureFixture) -> None:
@@ -266,7 +194,7 @@ class TestOutOfMemory:
     """CUDA out-of-memory halves the encoder batch and the run goes on; at one tile it is a clear error."""
 
     def test_batch_is_halved_and_results_unchanged(self, segmenter, monkeypatch, caplog) -> None:
-        import coninfer.scene as scene_module
+        import coninfer.pipeline as scene_module
 
         pixels = scenes.random_rgb(64, 96, seed=3)
         options = SceneOptions(tile_size=TILE, batch_size=4)
@@ -284,10 +212,10 @@ class TestOutOfMemory:
             labels, _ = segmenter.segment_array(pixels, options)
         np.testing.assert_array_equal(labels, expected)
         assert sizes[:3] == [4, 2, 1] and set(sizes[3:]) == {1}  # halved twice, then kept at 1
-        assert "continuing with batch size 1" in caplog.text
+        assert "continuing with --batch-size 1" in caplog.text
 
     def test_one_tile_too_big_is_a_clear_error(self, segmenter, monkeypatch) -> None:
-        import coninfer.scene as scene_module
+        import coninfer.pipeline as scene_module
 
         def no_gpu_memory(models, tiles, settings):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -308,8 +236,9 @@ class TestSegmentFile:
         assert report["settings"]["bands"] == [3, 2, 1]
         assert report["tiles"] == {"total": 6, "empty": 0, "encoded": 6, "resumed_from": 0,
                                    "tiles_per_s": report["tiles"]["tiles_per_s"]}
-        state = json.loads(next((tmp_path / "work").glob("*/state.json")).read_text())
-        assert state["next_tile"] == 6 and state["solved"]
+        [folder] = (tmp_path / "work").iterdir()
+        store = TileStore(folder, 6, 4, len(segmenter.models.classes.queries))
+        assert store.missing_tiles() == [] and store.state["solved"]
 
     def test_empty_tiles_are_skipped(self, segmenter: Segmenter, tmp_path: Path) -> None:
         """Tiles in the nodata columns are never encoded and stay nodata in the class map."""
@@ -326,8 +255,8 @@ class TestSegmentFile:
     def test_outputs_are_checked_first(self, segmenter: Segmenter, tmp_path: Path) -> None:
         source = scenes.multispectral(tmp_path / "ms.tif")
         with pytest.raises(InputError, match="two outputs share one path"):
-            segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, preview=tmp_path / "out.json")
-        with pytest.raises(InputError, match="vector .*v.shp: unknown extension '.shp'"):
+            segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, probabilities=tmp_path / "out.tif")
+        with pytest.raises(InputError, match="--vector .*v.shp: '.shp' is not a vector file name"):
             segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, vector=tmp_path / "v.shp")
         assert scenes.files_in(tmp_path) == {"ms.tif"}
 
@@ -415,7 +344,7 @@ class TestWorkdir:
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
         """Outputs appear together at the end, so rerunning the same call after a late failure needs no
         --overwrite, and it resumes from the finished store."""
-        import coninfer.scene as scene_module
+        import coninfer.outputs as outputs_module
 
         source = scenes.rgb(tmp_path / "a.tif", scenes.random_rgb(40, 50, seed=1))
         kwargs = {"vector": tmp_path / "v.gpkg", "preview": tmp_path / "p.png", "workdir": tmp_path / "work",
@@ -425,7 +354,7 @@ class TestWorkdir:
             raise OSError("disk full (simulated)")
 
         with monkeypatch.context() as patch:
-            patch.setattr(scene_module.write, "write_preview", broken_preview)
+            patch.setattr(outputs_module.write, "write_preview", broken_preview)
             with pytest.raises(OSError, match="simulated"):
                 segmenter.segment_file(source, tmp_path / "out.tif", self.OPTIONS, **kwargs)
         assert {name for name in scenes.files_in(tmp_path) if not name.startswith("work")} == {"a.tif"}
@@ -449,46 +378,19 @@ class TestWorkdir:
 
 class TestSegmenterChecks:
     def test_background_class_out_of_range(self, models: Models) -> None:
-        with pytest.raises(InputError, match="bg_index 4 is not a class index"):
-            Segmenter.from_models(models, InferenceSettings().with_values(model_res=32, prob_thd=0.5, bg_index=4))
+        with pytest.raises(InputError, match="--bg-index 4 is not a class index"):
+            Segmenter(models, InferenceSettings().with_values(model_res=32, prob_thd=0.5, bg_index=4))
 
     def test_too_many_classes(self) -> None:
         names = ";".join(f"class {i}" for i in range(256))
         with pytest.raises(InputError, match="256 classes, at most 255"):
-            Segmenter(names, vlm="no-such-model", vfm="no-such-model")  # checked before any model is loaded
-
-
-class TestCheckOutputs:
-    def test_report_next_to_the_class_map(self, tmp_path: Path) -> None:
-        outputs = check_outputs(tmp_path / "in.tif", tmp_path / "classes.TIF", preview=str(tmp_path / "p.png"))
-        assert outputs == {"class_map": tmp_path / "classes.TIF", "preview": tmp_path / "p.png",
-                           "report": tmp_path / "classes.json"}
-
-    @pytest.mark.parametrize(("kwargs", "message"), [
-        ({"out": "classes.png"}, "class map .*classes.png: unknown extension '.png'"),
-        ({"probabilities": "p.jpg"}, "probabilities .*p.jpg: unknown extension"),
-        ({"vector": "v.shp"}, "use a file name ending in .gpkg or .geojson or .json"),
-        ({"report": "sub/../classes.tif"}, "two outputs share one path"),
-    ])  # fmt: skip
-    def test_bad_names(self, tmp_path: Path, kwargs: dict, message: str) -> None:
-        (tmp_path / "sub").mkdir()
-        paths = {key: tmp_path / value for key, value in {"out": "classes.tif", **kwargs}.items()}
-        with pytest.raises(InputError, match=message):
-            check_outputs(tmp_path / "in.tif", **paths)
-
-    def test_file_checks(self, tmp_path: Path) -> None:
-        (tmp_path / "classes.json").write_text("{}")
-        with pytest.raises(OutputError, match="classes.json already exists"):
-            check_outputs(tmp_path / "in.tif", tmp_path / "classes.tif")
-        assert check_outputs(tmp_path / "in.tif", tmp_path / "classes.tif", overwrite=True)["report"].exists()
-        with pytest.raises(OutputError, match="is the input"):
-            check_outputs(tmp_path / "in.tif", tmp_path / "out.tif", probabilities=tmp_path / "in.tif")
+            Segmenter.from_presets(names, vlm="no-such-model", vfm="no-such-model")  # checked before any model is loaded
 
 
 class TestPackage:
     def test_segmenter_at_top_level_and_solver_alone_stays_light(self) -> None:
         code = ("import sys; from coninfer import refine; "
                 "assert 'rasterio' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
-                "import coninfer; from coninfer.scene import Segmenter; assert coninfer.Segmenter is Segmenter")
+                "import coninfer; from coninfer.segmenter import Segmenter; assert coninfer.Segmenter is Segmenter")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr

@@ -1,0 +1,71 @@
+"""Options shared by `segment` and `eval`, declared once. Defaults come from :mod:`coninfer.settings` (an option
+left out is None and keeps the settings' default), so each default is written in one place."""
+
+from __future__ import annotations
+
+import click
+
+from coninfer.settings import METHODS, VARIANTS, InferenceSettings, SceneOptions
+
+_DEFAULTS = InferenceSettings()
+_SCENE = SceneOptions()
+
+
+def _stack(*decorators):
+    def apply(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+def model_options(*, vfm_default: str | None, vfm_help: str):
+    """--vlm, --vfm, --device, --precision."""
+    return _stack(
+        click.option("--vlm", default="clip-b16", show_default=True,
+                     help="CLIP preset, local checkpoint/folder or hub id (`coninfer models list`)."),
+        click.option("--vfm", default=vfm_default, show_default=vfm_default is not None, help=vfm_help),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+                     show_default=True, help="auto = fp16 on CUDA, fp32 on CPU."),
+    )
+
+
+def method_options(*, lambda_default_help: str):
+    """--method, --vlm-variant, --attn-lambda, --temperature, --iterations, --vfm-features."""
+    return _stack(
+        click.option("--method", type=click.Choice(METHODS), default=_DEFAULTS.method, show_default=True,
+                     help="coninfer = joint context solver; decoupled = mixture fitted on the features alone, then "
+                          "fused with the prior (paper Table 4); baseline = the CLIP prior alone (MaskCLIP*)."),
+        click.option("--vlm-variant", type=click.Choice(VARIANTS), default=None,
+                     help=f"Dense CLIP variant with its Table-2 settings [default: {_DEFAULTS.clip.variant}].")
+        ,
+        click.option("--attn-lambda", type=click.FloatRange(0.0, 1.0), default=None,
+                     help=f"Mid-layer attention fusion weight, 0-1 [default: {lambda_default_help}]."),
+        click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=None,
+                     help=f"Solver temperature τ [default: {_DEFAULTS.solver.temperature:g}]."),
+        click.option("--iterations", type=click.IntRange(min=0), default=None,
+                     help=f"Solver EM iterations [default: {_DEFAULTS.solver.iterations}]."),
+        click.option("--vfm-features", type=click.Choice(["vfm", "clip"]), default=_DEFAULTS.features,
+                     show_default=True, help="Where the solver's features come from (clip = paper Table 4 ablation)."),
+    )
+
+
+def scene_options():
+    """--tile-size, --overlap, --context, --context-size, --batch-size, --model-res."""
+    return _stack(
+        click.option("--context", type=click.Choice(["scene", "batch", "none"]), default=_SCENE.context,
+                     show_default=True,
+                     help="Tiles per solver run: the whole scene, --context-size tiles (paper), or none (prior only)."),
+        click.option("--context-size", type=int, default=_SCENE.context_size, show_default=True,
+                     help="Tiles per solver run for --context batch."),
+        click.option("--tile-size", type=int, default=_SCENE.tile_size, show_default=True,
+                     help="Tile side in source pixels (resized to --model-res; 448 keeps the source resolution)."),
+        click.option("--overlap", type=int, default=_SCENE.overlap, show_default=True,
+                     help="Tile overlap in source pixels; probabilities are blended linearly across it."),
+        click.option("--model-res", type=int, default=_DEFAULTS.model_res, show_default=True,
+                     help="Model input side in pixels."),
+        click.option("--batch-size", type=int, default=_SCENE.batch_size, show_default=True,
+                     help="Tiles per encoder batch (halved automatically on CUDA out-of-memory)."),
+    )

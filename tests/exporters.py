@@ -21,17 +21,17 @@ from coninfer.encoders.clip import (
     _mlp,
     _queries_keys_values,
 )
-from coninfer.encoders.dinov3 import DenseVFM
-from coninfer.encoders.load_clip import _key_map
-from coninfer.encoders.load_vfm import (
+from coninfer.encoders.convert_dinov3 import (
     _BLOCK,
     _META_BLOCK_RENAMES,
     _TIMM_BLOCK_TO_HF,
     _TIMM_MLP_TO_HF,
     _TIMM_SWIGLU_TO_HF,
     _TIMM_TOP_TO_HF,
-    _layer_prefix,
 )
+from coninfer.encoders.dinov3 import DenseVFM
+from coninfer.encoders.load_clip import _key_map
+from coninfer.encoders.load_vfm import _layer_prefix
 from coninfer.errors import CheckpointFormatError, InputError
 from coninfer.settings import DenseCLIPSettings
 

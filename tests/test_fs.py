@@ -121,3 +121,15 @@ class TestHoldOutputs:
             child.communicate("\n", timeout=60)
         with hold_outputs([target]):
             pass
+
+
+def test_stale_temporaries_of_temporaries_and_their_gdal_sidecars(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    pid = int(dead.stdout)
+    staged = f".out.tif.{pid}-0123abcd{TEMP_MARK}.tif"
+    names = [staged, f".{staged}.{pid}-89abcdef{TEMP_MARK}.stage.tif", f"{staged}.msk.ovr.tmp"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert sorted(p.name for p in remove_stale_temporaries(tmp_path, ["out.tif"])) == sorted(names)
+    assert list(tmp_path.iterdir()) == []

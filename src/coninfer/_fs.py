@@ -20,7 +20,8 @@ from coninfer.errors import OutputError
 
 CACHE_ENV = "CONINFER_CACHE"
 TEMP_MARK = ".coninfer-tmp"
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.coninfer-tmp")
+# non-greedy: a temporary of a temporary (a COG writer's stage of a staged output) belongs to the first name
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(?P<pid>\d+)-[0-9a-f]{8}\.coninfer-tmp")
 
 
 def cache_dir() -> Path:
@@ -85,7 +86,7 @@ def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[P
         return removed
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
-        if match and match["name"] in wanted and not _process_alive(int(match["pid"])):
+        if match and match["name"].lstrip(".") in wanted and not _process_alive(int(match["pid"])):
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed

@@ -23,7 +23,7 @@ import numpy as np
 
 from coninfer._fs import atomic_path, check_output_path, is_virtual_path
 from coninfer.errors import InputError, OutputError
-from coninfer.raster import read, report_html, style, write
+from coninfer.raster import read, report_html, style, vectors, write
 from coninfer.raster.tiles import StitchedBlock
 
 
@@ -81,8 +81,8 @@ def _open_probabilities(path: Path, run: RunContext):
 
 
 def _write_vector(path: Path, run: RunContext) -> None:
-    write.write_vectors(path, run.staged["class_map"], run.class_names, layer=run.final["vector"].stem,
-                        colors=run.colors)
+    vectors.write_vectors(path, run.staged["class_map"], run.class_names, layer=run.final["vector"].stem,
+                          colors=run.colors)
 
 
 def _write_preview(path: Path, run: RunContext) -> None:

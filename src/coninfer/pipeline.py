@@ -45,8 +45,10 @@ TileReader = Callable[["Window"], tuple[np.ndarray, np.ndarray]]  # noqa: F821 -
 """``read(window) -> (rgb (3, h, w) uint8, valid (h, w) bool)``; parts past the scene edge are invalid zeros."""
 
 STOP_AFTER_BATCHES_ENV = "CONINFER_STOP_AFTER_BATCHES"
-"""Test hook: a run whose environment sets it to N kills itself (SIGKILL) after committing N encode batches,
-so kill-and-resume tests are deterministic instead of racing a timer."""
+STOP_SIGNAL_ENV = "CONINFER_STOP_SIGNAL"
+"""Test hook: a run whose environment sets CONINFER_STOP_AFTER_BATCHES=N sends itself a signal (SIGKILL, or the
+one named by CONINFER_STOP_SIGNAL, e.g. TERM or INT) after recording N encode batches, so kill-and-resume tests
+are deterministic instead of racing a timer."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,8 @@ def encode_scene(models: Models, settings: InferenceSettings, read_tile: TileRea
         store.record(encoded=kept, empty=empty)
         bar.update(len(indices))
         if stop_after and batch_number >= stop_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # the test hook: a kill at a known point
+            # the test hook: a kill at a known point
+            os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get(STOP_SIGNAL_ENV, 'KILL')}"))
     bar.close()
 
 

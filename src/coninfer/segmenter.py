@@ -70,6 +70,9 @@ class Segmenter:
     def __init__(self, models: Models, settings: InferenceSettings = InferenceSettings()) -> None:
         _check_classes(models.classes, settings)
         models.grid_size(settings.model_res)  # a model_res the patch size does not divide fails now
+        if settings.prior == "segearth-ov" and models.upsampler is None:
+            raise InputError("the segearth-ov prior needs a SimFeatUp upsampler but none is loaded",
+                             hint="pass --upsampler PATH_OR_HUB_FILE (the released SimFeatUp .ckpt)")
         if settings.needs_vfm and models.vfm is None:
             raise InputError(f"method {settings.method!r} needs a VFM but none is loaded",
                              hint="load one (--vfm), or use --method baseline")
@@ -80,10 +83,12 @@ class Segmenter:
     def from_presets(cls, classes: ClassList | str | Sequence[str], *, vlm: str = "clip-b16",
                      vfm: str = "dinov3-l16-sat", device: str = "auto", precision: str = "auto",
                      settings: InferenceSettings = InferenceSettings(), clip_variant: str | None = None,
-                     attn_lambda: float | None = None, cache_dir: str | Path | None = None) -> Segmenter:
+                     attn_lambda: float | None = None, cache_dir: str | Path | None = None,
+                     upsampler: str | Path | None = None) -> Segmenter:
         """Load ``vlm`` and (when the method needs one) ``vfm`` by preset name, path or hub id; embed the classes.
 
         ``clip_variant`` / ``attn_lambda`` override ``settings.clip`` (the paper's Table-2 variants).
+        ``upsampler``: SimFeatUp weights (path or hub file) for ``settings.prior == "segearth-ov"``.
         """
         classes = _as_class_list(classes)
         if clip_variant or attn_lambda is not None:
@@ -91,7 +96,8 @@ class Segmenter:
                 clip_variant or settings.clip.variant, attn_lambda=attn_lambda))
         _check_classes(classes, settings)
         models = load_models(classes, vlm=vlm, vfm=vfm if settings.needs_vfm else None, device=device,
-                             precision=precision, clip_settings=settings.clip, cache_dir=cache_dir)
+                             precision=precision, clip_settings=settings.clip, cache_dir=cache_dir,
+                             upsampler=str(upsampler) if upsampler else None)
         return cls(models, settings)
 
     @property
@@ -108,7 +114,8 @@ class Segmenter:
         """The models as the report and the resume key name them: name and a fingerprint of the weights."""
         return {role: None if model is None else {"name": getattr(model, "name", type(model).__name__),
                                                   "fingerprint": getattr(model, "fingerprint", None)}
-                for role, model in (("vlm", self.models.clip), ("vfm", self.models.vfm))}
+                for role, model in (("vlm", self.models.clip), ("vfm", self.models.vfm),
+                                    ("upsampler", self.models.upsampler))}
 
     def segment_array(self, rgb, options: SceneOptions = SceneOptions(), *, valid=None
                       ) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,8 @@ from coninfer.errors import InputError
 Method = Literal["coninfer", "decoupled", "baseline"]
 METHODS = ("coninfer", "decoupled", "baseline")
 FeatureSource = Literal["vfm", "clip"]
+Prior = Literal["clip", "segearth-ov"]
+PRIORS = ("clip", "segearth-ov")
 Context = Literal["scene", "batch", "none"]
 CONTEXTS = ("scene", "batch", "none")
 
@@ -158,12 +160,15 @@ class InferenceSettings:
     ``method``: ``coninfer`` (joint solver), ``decoupled`` (mixture fitted on the features alone, then one
     fusion with the prior; paper Table 4) or ``baseline`` (no solver: z = softmax(prior_scale * logits), the
     MaskCLIP* row). ``features="clip"`` takes the solver's features from CLIP's own dense tokens (paper Table 4,
-    "context from CLIP features").
+    "context from CLIP features"). ``prior``: ``clip`` (the dense CLIP's patch tokens against the queries) or
+    ``segearth-ov`` (SegEarth-OV's SimFeatUp-upsampled logits with its [CLS] bias, area-averaged onto the patch
+    grid: the paper's "+SegEarth-OV" rows; needs an upsampler).
     """
 
     model_res: int = 448
     method: Method = "coninfer"
     features: FeatureSource = "vfm"
+    prior: Prior = "clip"
     solver: SolverSettings = field(default_factory=SolverSettings)
     clip: DenseCLIPSettings = field(default_factory=DenseCLIPSettings)
     post: PostSettings = field(default_factory=PostSettings)
@@ -177,6 +182,8 @@ class InferenceSettings:
             raise InputError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.features not in ("vfm", "clip"):
             raise InputError(f"features must be 'vfm' or 'clip', got {self.features!r}")
+        if self.prior not in PRIORS:
+            raise InputError(f"--prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
 
     @property
     def needs_vfm(self) -> bool:

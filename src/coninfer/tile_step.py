@@ -46,6 +46,7 @@ class Models:
     dtype: torch.dtype = torch.float32
     clip_normalization: tuple[Sequence[float], Sequence[float]] | None = None
     vfm_normalization: tuple[Sequence[float], Sequence[float]] | None = None
+    upsampler: torch.nn.Module | None = None
 
     def __post_init__(self) -> None:
         num_queries = len(self.classes.queries)
@@ -70,7 +71,7 @@ class Models:
 
 
 def load_models(classes: ClassList, *, vlm: str = "clip-b16", vfm: str | None = "dinov3-l16-sat",
-                device: str = "auto", precision: str = "auto", clip_settings=None,
+                device: str = "auto", precision: str = "auto", clip_settings=None, upsampler: str | None = None,
                 vfm_normalization: tuple[Sequence[float], Sequence[float]] | None = None,
                 cache_dir=None) -> Models:
     """Load the CLIP (``vlm``) and VFM (``vfm``; None when the method needs none) presets/paths and embed the
@@ -81,7 +82,13 @@ def load_models(classes: ClassList, *, vlm: str = "clip-b16", vfm: str | None = 
     clip = presets.load_vlm(vlm, device=torch_device, dtype=dtype, settings=clip_settings)
     vfm_model = presets.load_vfm(vfm, device=torch_device, dtype=dtype) if vfm else None
     queries = clip.encode_queries(list(classes.queries), cache_dir=cache_dir)
-    return Models(clip, vfm_model, classes, queries, torch_device, dtype, vfm_normalization=vfm_normalization)
+    upsampler_model = None
+    if upsampler:
+        from coninfer.encoders.simfeatup import load_simfeatup
+
+        upsampler_model = load_simfeatup(upsampler, device=torch_device)
+    return Models(clip, vfm_model, classes, queries, torch_device, dtype, vfm_normalization=vfm_normalization,
+                  upsampler=upsampler_model)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -173,7 +180,10 @@ def encode_tiles(models: Models, tiles: Sequence[torch.Tensor], settings: Infere
     if clip_tokens.shape[1] != grid * grid:
         raise InputError(f"CLIP produced {clip_tokens.shape[1]} patches but the VFM grid has {grid * grid}")
     queries = models.query_embeddings.to(device=clip_tokens.device, dtype=torch.float32)
-    logits = clip_tokens.float() @ queries.T  # (B, G*G, E) @ (E, K) -> (B, G*G, K)
+    if settings.prior == "segearth-ov":
+        logits = _segearth_ov_prior(models, clip_input, queries, grid)
+    else:
+        logits = clip_tokens.float() @ queries.T  # (B, G*G, E) @ (E, K) -> (B, G*G, K)
     if not settings.needs_vfm:
         features = clip_tokens
     else:
@@ -189,6 +199,20 @@ def encode_tiles(models: Models, tiles: Sequence[torch.Tensor], settings: Infere
                 hint="use models with matching patch grids at this --model-res",
             )
     return logits, features
+
+
+def _segearth_ov_prior(models: Models, clip_input: torch.Tensor, queries: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, G*G, K): SegEarth-OV's logits of the tiles (upsampled by SimFeatUp, [CLS] bias subtracted, one window,
+    as ConInfer's "+SegEarth-OV" rows run it), area-averaged onto the G x G patch grid."""
+    from coninfer.segearth_ov import SegEarthOVSettings, pool_to_grid, slide_logits
+
+    if models.upsampler is None:
+        raise InputError("the segearth-ov prior needs a SimFeatUp upsampler but none is loaded",
+                         hint="pass --upsampler PATH_OR_HUB_FILE (the released SimFeatUp .ckpt)")
+    logits = slide_logits(models.clip, models.upsampler, clip_input.float(), queries,
+                          SegEarthOVSettings.coninfer_rerun())  # (B, K, H, W)
+    pooled = pool_to_grid(logits, (grid, grid))  # (B, K, G, G)
+    return pooled.permute(0, 2, 3, 1).reshape(pooled.shape[0], grid * grid, -1)  # -> (B, G*G, K)
 
 
 def solve(logits: torch.Tensor, features: torch.Tensor, settings: InferenceSettings) -> torch.Tensor:

@@ -171,6 +171,40 @@ class TestEvalOneDataset:
         assert table_row(result.stdout, "paper MaskCLIP* (baseline)")  # compared with the paper's baseline row
         assert table_row(result.stdout, "Δ ours − paper MaskCLIP* (baseline)")
 
+    @pytest.mark.parametrize(("option", "section", "key", "value"), [
+        (["--method", "decoupled"], "inference", "method", "decoupled"),
+        (["--vlm-variant", "gem"], "clip", "variant", "gem"),
+        (["--temperature", "20", "--iterations", "3"], "inference", "solver", {"temperature": 20.0, "iterations": 3}),
+    ])  # fmt: skip
+    def test_other_methods_run_end_to_end(self, potsdam, tmp_path, option, section, key, value):
+        output = tmp_path / "method.json"
+        result = run("Potsdam", "--data-root", str(potsdam), *TINY, *option, "--limit", "2", "--context-size", "2",
+                     "--output", str(output), "--state-dir", str(tmp_path / "state"))
+        assert result.exit_code == 0, result.output
+        [entry] = json.loads(output.read_text())
+        found = entry["settings"][section][key]
+        if isinstance(value, dict):
+            found = {name: found[name] for name in value}
+        assert found == value and 0.0 <= entry["value"] <= 100.0
+
+    def test_segearth_ov_prior(self, potsdam, tmp_path):
+        import torch
+        from safetensors.torch import save_file
+
+        from coninfer.encoders.simfeatup import SimFeatUp
+        from coninfer.encoders.tiny import build_tiny_clip
+
+        torch.manual_seed(0)
+        weights = tmp_path / "jbu.safetensors"
+        save_file({f"upsampler.{k}": v.contiguous()
+                   for k, v in SimFeatUp(build_tiny_clip().embed_dim).state_dict().items()}, str(weights))
+        output = tmp_path / "segov.json"
+        result = run("Potsdam", "--data-root", str(potsdam), *TINY, "--prior", "segearth-ov", "--upsampler",
+                     str(weights), "--limit", "1", "--output", str(output), "--state-dir", str(tmp_path / "state"))
+        assert result.exit_code == 0, result.output
+        [entry] = json.loads(output.read_text())
+        assert entry["settings"]["inference"]["prior"] == "segearth-ov" and entry["settings"]["upsampler"] == str(weights)
+
     def test_ablation_flags_reach_the_settings(self, potsdam, tmp_path, monkeypatch):
         monkeypatch.setattr(presets, "load_vfm", lambda *a, **k: pytest.fail("CLIP features need no VFM"))
         output = tmp_path / "ablation.json"

@@ -367,3 +367,65 @@ def test_a_run_holding_the_outputs_stops_a_second_one(tmp_path: Path) -> None:
         result = _run(source, "--overwrite")
     assert result.exit_code == 2 and f"another run (process {os.getpid()}) is writing" in result.output
     assert scenes.files_in(tmp_path) == {"scene.tif"}
+
+
+def _random_upsampler(path: Path, feature_dim: int) -> Path:
+    """SimFeatUp weights in the released key format (``upsampler.`` prefix), random, as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    from coninfer.encoders.simfeatup import SimFeatUp
+
+    torch.manual_seed(0)
+    state = {f"upsampler.{k}": v.contiguous() for k, v in SimFeatUp(feature_dim).state_dict().items()}
+    save_file(state, str(path))
+    return path
+
+
+def test_segearth_ov_prior_under_coninfer(tmp_path: Path) -> None:
+    """--prior segearth-ov: SimFeatUp-upsampled, [CLS]-debiased logits pooled to the patch grid as the prior."""
+    from coninfer.encoders.tiny import build_tiny_clip
+
+    weights = _random_upsampler(tmp_path / "jbu.safetensors", build_tiny_clip().embed_dim)
+    source = scenes.multispectral(tmp_path / "scene.tif", count=3)
+    grid = ["--tile-size", "64", "--model-res", "64"]  # 4 x 4 patches: the JBU's reflect padding needs >= 3
+    missing = _run(source, "--prior", "segearth-ov", *grid)
+    assert missing.exit_code == 2 and "--upsampler" in missing.output
+    result = _run(source, "--prior", "segearth-ov", "--upsampler", str(weights), *grid, "-q",
+                  "--probabilities", str(tmp_path / "p1.tif"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["settings"]["inference"]["prior"] == "segearth-ov"
+    assert report["settings"]["models"]["upsampler"]["fingerprint"].startswith("local:")
+    plain = _run(source, *grid, "-q", "--probabilities", str(tmp_path / "p2.tif"), output="plain.tif")
+    assert plain.exit_code == 0, plain.output
+    with rasterio.open(tmp_path / "p1.tif") as a, rasterio.open(tmp_path / "p2.tif") as b:
+        assert (a.read() != b.read()).any()  # another prior, other probabilities
+
+
+def test_a_run_removes_temporaries_left_by_a_killed_run_on_its_outputs(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    stale = tmp_path / f".out.tif.{int(dead.stdout)}-0123abcd{TEMP_MARK}.stage.tif"
+    stale.write_text("left by SIGKILL")
+    result = _run(scenes.multispectral(tmp_path / "scene.tif", count=3), "-q")
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and not [p for p in tmp_path.iterdir() if TEMP_MARK in p.name]
+
+
+@pytest.mark.parametrize(("name", "code"), [("TERM", 143), ("INT", 130)])
+def test_sigterm_and_ctrl_c_exit_cleanly(tmp_path: Path, cache_dir: Path, name: str, code: int) -> None:
+    """SIGTERM (timeout, docker stop, schedulers) exits 143 and Ctrl-C 130, one line, no file left behind."""
+    from coninfer.pipeline import STOP_SIGNAL_ENV
+
+    source = scenes.rgb(tmp_path / "scene.tif", scenes.random_rgb(96, 96, seed=7))
+    env = {**os.environ, "CONINFER_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", STOP_AFTER_BATCHES_ENV: "1",
+           STOP_SIGNAL_ENV: name}
+    args = ["segment", str(source), "-o", str(tmp_path / "out.tif"), "--workdir", str(tmp_path / "work"),
+            "--classes", scenes.CLASSES, *scenes.TINY, "--tile-size", "32", "--model-res", "32", "--batch-size", "2",
+            "-q"]
+    process = subprocess.run([sys.executable, "-m", "coninfer", *args], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert process.returncode == code, process.stderr[-2000:]
+    assert len(process.stderr.strip().splitlines()) == 1
+    assert {p.name for p in tmp_path.iterdir()} == {"scene.tif", "work"}

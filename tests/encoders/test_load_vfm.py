@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from coninfer.encoders.convert_dinov3 import meta_to_timm
 from coninfer.encoders.load_vfm import (
     CONINFER_JSON,
     PREPROCESSOR_JSON,
     detect_format,
     load_timm_dinov3,
     load_vfm,
-    meta_to_timm,
     save_vfm_transformers,
 )
 from coninfer.encoders.normalization import IMAGENET, SAT493M

@@ -41,3 +41,15 @@ class TestProtocolSettings:
             preset = presets.get_preset(load_dataset_spec(name).coninfer.vfm_preset, "vfm")
             assert preset.format == "timm"
         assert load_dataset_spec("UAVid").coninfer.vfm_preset == "dinov3-h16plus-lvd"
+
+
+def test_method_labels():
+    from coninfer.evaluate.protocol import method_label
+    from coninfer.settings import InferenceSettings
+
+    base = InferenceSettings()
+    assert method_label(base) == "ConInfer"
+    assert method_label(base.with_values(method="decoupled")) == "ConInfer (decoupled)"
+    assert method_label(base.with_values(method="baseline", variant="gem")) == "GEM"
+    assert method_label(base.with_values(method="baseline", prior="segearth-ov")) == "SegEarth-OV"
+    assert method_label(base.with_values(prior="segearth-ov")) == "ConInfer + SegEarth-OV prior"

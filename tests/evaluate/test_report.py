@@ -67,3 +67,10 @@ def test_results_json_round_trip(tmp_path):
     assert json.loads(path.read_text())[0]["value"] == 40.0
     assert read_results_json(path) == results
     assert format_table([r.to_dict() for r in results], "Table1") == format_table(results, "Table1")
+
+
+def test_comparison_methods_are_compared_with_their_own_paper_row():
+    from coninfer.evaluate.report import paper_method
+
+    assert paper_method("GEM") == "GEM" and paper_method("SegEarth-OV") == "SegEarth-OV"
+    assert paper_method("baseline") == "MaskCLIP* (baseline)" and paper_method("ConInfer (decoupled)") == "ConInfer"

@@ -146,8 +146,15 @@ PALETTE = {0: (255, 0, 0, 255), 1: (0, 255, 0, 255), 2: (0, 0, 255, 255), 3: (0,
 
 
 def paletted(path: Path, *, seed: int = 0) -> np.ndarray:
-    """1-band uint8 GeoTIFF of indexes 0..3 with the PALETTE colour table. Returns the (H, W) indexes."""
+    """1-band uint8 raster of indexes 0..3 with the PALETTE colour table. A ``.png`` keeps index 3
+    transparent (tRNS); a GeoTIFF colour table has no alpha, so there every entry is opaque. Returns the
+    (H, W) indexes."""
     index = np.random.default_rng(seed).integers(0, 4, (HEIGHT, WIDTH), dtype=np.uint8)
+    if path.suffix == ".png":
+        image = Image.fromarray(index, "P")
+        image.putpalette([channel for i in range(4) for channel in PALETTE[i][:3]])
+        image.save(path, transparency=3)
+        return index
     with rasterio.open(path, "w", **_profile(1, "uint8", photometric="palette")) as dst:
         dst.write(index, 1)
         dst.write_colormap(1, PALETTE)
@@ -181,3 +188,16 @@ def tiled(
         dst.write(data)
         if overviews:
             dst.build_overviews([2, 4, 8], Resampling.nearest)
+
+
+def palette_stack_vrt(path: Path, source: Path) -> None:
+    """3-band VRT over band 1 of ``source``: band 1 keeps its colour table, bands 2 and 3 are grey."""
+    entries = "".join(f'<Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>' for r, g, b, a in PALETTE.values())
+    bands = []
+    for band in (1, 2, 3):
+        colour = f"<ColorInterp>Palette</ColorInterp><ColorTable>{entries}</ColorTable>" if band == 1 else ""
+        bands.append(
+            f'<VRTRasterBand dataType="Byte" band="{band}">{colour}<SimpleSource>'
+            f"<SourceFilename>{source}</SourceFilename><SourceBand>1</SourceBand></SimpleSource></VRTRasterBand>"
+        )
+    path.write_text(f'<VRTDataset rasterXSize="{WIDTH}" rasterYSize="{HEIGHT}">{"".join(bands)}</VRTDataset>')

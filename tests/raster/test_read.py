@@ -234,11 +234,21 @@ class TestPalette:
         index = rasters.paletted(tmp_path / "p.tif")
         scene = open_scene(tmp_path / "p.tif")
         assert scene.expanded_palette and scene.bands == (1, 1, 1) and scene.stretch is None
+        assert scene.stats_source == "none"  # uint8 RGB without a mask: nothing to sample
         rgb, valid = read_window(scene, FULL)
         table = np.array([rasters.PALETTE[i] for i in range(4)], np.uint8)
-        np.testing.assert_array_equal(rgb[:, valid], np.moveaxis(table[index][..., :3], -1, 0)[:, valid])
-        np.testing.assert_array_equal(valid, index != 3)  # the transparent entry is invalid
-        assert scene.valid_fraction == pytest.approx((index != 3).mean(), abs=1e-9)
+        table[3, 3] = 255  # a GeoTIFF colour table has no alpha
+        np.testing.assert_array_equal(rgb, np.moveaxis(table[index][..., :3], -1, 0))
+        assert valid.all()
+
+    def test_transparent_entry_is_invalid(self, tmp_path: Path) -> None:
+        index = rasters.paletted(tmp_path / "p.png")
+        scene = open_scene(tmp_path / "p.png")
+        rgb, valid = read_window(scene, FULL)
+        assert scene.expanded_palette
+        np.testing.assert_array_equal(valid, index != 3)
+        assert scene.valid_fraction == pytest.approx((index != 3).mean())
+        assert (rgb[2][index == 2] == 255).all() and (rgb[:2][:, index == 2] == 0).all()
 
     def test_bands_1_reads_colours_not_indexes(self, tmp_path: Path) -> None:
         index = rasters.paletted(tmp_path / "p.tif")
@@ -249,11 +259,11 @@ class TestPalette:
 
     def test_paletted_band_among_three_is_refused(self, tmp_path: Path) -> None:
         rasters.paletted(tmp_path / "p.tif")
-        with rasterio.open(tmp_path / "p.tif") as src:
-            profile = {**src.profile, "count": 3, "photometric": "minisblack"}
-        rasters.rgb_uint8(tmp_path / "rgb.tif")
-        scene = open_scene(tmp_path / "rgb.tif", bands=[1])
-        assert not scene.expanded_palette and profile["count"] == 3  # plain grey bands are not paletted
+        rasters.palette_stack_vrt(tmp_path / "stack.vrt", tmp_path / "p.tif")
+        with pytest.raises(InputError, match="band 1 of .* is paletted") as info:
+            open_scene(tmp_path / "stack.vrt", bands=[1, 2, 3])
+        assert "--bands 1" in info.value.hint
+        assert not open_scene(tmp_path / "stack.vrt", bands=[2]).expanded_palette
 
 
 class TestFillValues:
@@ -349,7 +359,7 @@ class TestPagesAndVirtualPaths:
     def test_missing_member_of_a_virtual_path(self, tmp_path: Path) -> None:
         with pytest.raises(InputFileError, match="cannot read /vsizip/") as info:
             open_scene(f"/vsizip/{tmp_path}/nope.zip/a.tif")
-        assert "does not exist" not in str(info.value)
+        assert "input raster" not in str(info.value) and "does not exist in the file system" in str(info.value)
 
     def test_double_slashes_are_kept(self) -> None:
         from coninfer.raster.source import source_path

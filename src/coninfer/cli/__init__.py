@@ -24,6 +24,7 @@ _SUBCOMMANDS = {
 
 
 def _exit_on_sigterm(signum, frame) -> None:
+    click.echo("Terminated.", err=True)
     raise SystemExit(128 + signal.SIGTERM)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from coninfer.settings import METHODS, VARIANTS, InferenceSettings, SceneOptions
+from coninfer.settings import METHODS, PRIORS, VARIANTS, InferenceSettings, SceneOptions
 
 _DEFAULTS = InferenceSettings()
 _SCENE = SceneOptions()
@@ -49,6 +49,11 @@ def method_options(*, lambda_default_help: str):
                      help=f"Solver EM iterations [default: {_DEFAULTS.solver.iterations}]."),
         click.option("--vfm-features", type=click.Choice(["vfm", "clip"]), default=_DEFAULTS.features,
                      show_default=True, help="Where the solver's features come from (clip = paper Table 4 ablation)."),
+        click.option("--prior", type=click.Choice(PRIORS), default=_DEFAULTS.prior, show_default=True,
+                     help="The per-patch prior: the dense CLIP, or SegEarth-OV (SimFeatUp-upsampled, [CLS]-debiased, "
+                          "pooled to the patch grid: the paper's +SegEarth-OV rows; needs --upsampler)."),
+        click.option("--upsampler", help="SimFeatUp weights for --prior segearth-ov: a local .ckpt/.safetensors "
+                                         "or a hub file owner/repo/file.ckpt."),
     )
 
 

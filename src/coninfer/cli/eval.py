@@ -48,7 +48,8 @@ Examples:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-dataset messages.")
 def eval_command(dataset: str, data_root: Path, vlm: str, vfm: str | None, device: str, precision: str,
                  method: str, vlm_variant: str | None, attn_lambda: float | None, temperature: float | None,
-                 iterations: int | None, vfm_features: str, context_size: int, limit: int | None,
+                 iterations: int | None, vfm_features: str, prior: str, upsampler: str | None,
+                 context_size: int, limit: int | None,
                  output: Path | None, markdown: Path | None, state_dir: Path | None, overwrite: bool,
                  quiet: bool) -> None:
     """Evaluate on DATASET (one of `coninfer data list`, or `all`) and compare with the paper.
@@ -74,7 +75,7 @@ def eval_command(dataset: str, data_root: Path, vlm: str, vfm: str | None, devic
     run = RunOptions(method=method, vlm=vlm, vfm=vfm, vlm_variant=vlm_variant, attn_lambda=attn_lambda,
                      vfm_features=vfm_features, context_size=context_size, limit=limit,
                      state_root=state_dir or cache_dir() / "eval", progress=not quiet, temperature=temperature,
-                     iterations=iterations)
+                     iterations=iterations, prior=prior, upsampler=upsampler)
     encoders = EncoderCache(device, precision)
     results = []
     for spec, root in found:

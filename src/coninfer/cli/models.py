@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from coninfer._fs import temporary_name
 from coninfer.encoders.normalization import NAMED
 from coninfer.errors import OutputError
 
@@ -117,7 +117,7 @@ def _check_output_folder(output: Path, overwrite: bool) -> None:
 def _write_folder(output: Path, save: Callable[[Path], object]) -> None:
     """Run ``save(folder)`` on a fresh sibling folder, then put it in place of ``output``: an old folder leaves
     no stale files behind, and a failed write leaves ``output`` untouched."""
-    temporary = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.part")
+    temporary = temporary_name(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         save(temporary)

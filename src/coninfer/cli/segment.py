@@ -59,7 +59,8 @@ def _output_option(name: str):
 def segment(input_path: str, output: Path, classes_text: str | None, classes_file: Path | None,
             classes_preset: str | None, colors: str | None, vlm: str,
             vfm: str, device: str, precision: str, method: str, vlm_variant: str | None, attn_lambda: float | None,
-            temperature: float | None, iterations: int | None, vfm_features: str, context: str, context_size: int,
+            temperature: float | None, iterations: int | None, vfm_features: str, prior: str, upsampler: str | None,
+            context: str, context_size: int,
             tile_size: int, overlap: int, model_res: int, batch_size: int, bands: str | None, prob_thd: float,
             bg_index: int, workdir: Path | None, resume: bool, overwrite: bool, quiet: bool,
             **extra_outputs: Path | None) -> None:
@@ -85,7 +86,9 @@ def segment(input_path: str, output: Path, classes_text: str | None, classes_fil
                            batch_size=batch_size)
     if context == "none":
         method = "baseline"  # the prior alone: the VFM would be loaded and run for nothing
-    settings = InferenceSettings().with_values(model_res=model_res, method=method, features=vfm_features,
+    if prior == "segearth-ov" and not upsampler:
+        raise InputError("--prior segearth-ov needs --upsampler", hint="pass the SimFeatUp weights (.ckpt)")
+    settings = InferenceSettings().with_values(model_res=model_res, method=method, features=vfm_features, prior=prior,
                                                temperature=temperature, iterations=iterations, prob_thd=prob_thd,
                                                bg_index=bg_index)
     # fail on bad inputs/outputs before loading any model
@@ -99,7 +102,8 @@ def segment(input_path: str, output: Path, classes_text: str | None, classes_fil
 
             style.parse_colors(colors, classes)  # a bad --colors fails before any model is loaded
         segmenter = Segmenter.from_presets(classes, vlm=vlm, vfm=vfm, device=device, precision=precision,
-                                           settings=settings, clip_variant=vlm_variant, attn_lambda=attn_lambda)
+                                           settings=settings, clip_variant=vlm_variant, attn_lambda=attn_lambda,
+                                           upsampler=upsampler)
         summary = segmenter.segment_file(  # the scene opened above: its stretch needed a read of the file
             scene, output, options, workdir=workdir, resume=resume, overwrite=overwrite, progress=not quiet,
             colors=colors, **extra_outputs)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from coninfer.errors import InputError
 from coninfer.settings import DenseCLIPSettings, InferenceSettings
 
 _METHOD_LABELS = {"coninfer": "ConInfer", "decoupled": "ConInfer (decoupled)", "baseline": "baseline"}
@@ -32,6 +33,8 @@ class RunOptions:
     progress: bool
     temperature: float | None = None
     iterations: int | None = None
+    prior: str = "clip"
+    upsampler: str | None = None
 
 
 class EncoderCache:
@@ -77,14 +80,22 @@ def evaluate_one(spec, data_root: Path, encoders: EncoderCache, run: RunOptions)
     def predict_batch(images):
         if not models:
             clip, vfm_model = encoders.get(run.vlm, vfm_source)
+            upsampler = None
+            if settings.prior == "segearth-ov":
+                from coninfer.encoders.simfeatup import load_simfeatup
+
+                if not run.upsampler:
+                    raise InputError("--prior segearth-ov needs --upsampler", hint="pass the SimFeatUp weights (.ckpt)")
+                upsampler = load_simfeatup(run.upsampler, device=encoders.device)
             # the reference code feeds every DINOv3 the SAT-493M statistics, also the LVD ViT-H+ (UAVid, VDD)
             models.append(Models(clip, vfm_model, classes, clip.encode_queries(list(classes.queries)),
                                  encoders.device, encoders.dtype,
                                  vfm_normalization=(config.vfm_normalization.mean, config.vfm_normalization.std)
-                                 if vfm_model else None))
+                                 if vfm_model else None, upsampler=upsampler))
         return [result.labels for result in infer_tiles(models[0], images, settings)]
 
-    run_settings = {"vlm": run.vlm, "vfm": vfm_source, "clip": asdict(clip_settings), "inference": asdict(settings),
+    run_settings = {"vlm": run.vlm, "vfm": vfm_source, "upsampler": run.upsampler, "clip": asdict(clip_settings),
+                    "inference": asdict(settings),
                     "precision": str(encoders.dtype).removeprefix("torch.")}
     # the image list too: a rerun after more data was converted starts its own state instead of failing on the old
     names = [sample.name for sample in list_samples(spec, data_root)[: run.limit]]
@@ -94,7 +105,17 @@ def evaluate_one(spec, data_root: Path, encoders: EncoderCache, run: RunOptions)
     state_path = run.state_root / f"{spec.name}-{run.method}-{digest}.json"
     return evaluate_dataset(spec, data_root, predict_batch, context_size=run.context_size, limit=run.limit,
                             state_path=state_path, progress=run.progress,
-                            method=_METHOD_LABELS[run.method], settings=run_settings)
+                            method=method_label(settings), settings=run_settings)
+
+
+def method_label(settings: InferenceSettings) -> str:
+    """The result's method name; the prior alone with GEM or SegEarth-OV is compared with that paper row."""
+    if settings.method == "baseline" and settings.clip.variant == "gem":
+        return "GEM"
+    if settings.method == "baseline" and settings.prior == "segearth-ov":
+        return "SegEarth-OV"
+    label = _METHOD_LABELS[settings.method]
+    return f"{label} + SegEarth-OV prior" if settings.prior == "segearth-ov" else label
 
 
 def protocol_settings(spec, run: RunOptions) -> InferenceSettings:
@@ -105,7 +126,7 @@ def protocol_settings(spec, run: RunOptions) -> InferenceSettings:
         method=run.method, temperature=run.temperature or config.gmm_temp, iterations=run.iterations,
         logit_scale=config.logit_scale, bg_index=config.bg_index,
         prob_thd=config.baseline_prob_thd if run.method == "baseline" else config.prob_thd,
-        features=run.vfm_features)
+        features=run.vfm_features, prior=run.prior)
 
 
 def _clip_settings(dataset_lambda: float, variant: str | None, attn_lambda: float | None):

@@ -30,9 +30,17 @@ PAPER_CONTEXT_SIZE = 50
 _BASELINE_NAMES = {"baseline", "maskclip*", "maskclip* (baseline)", "maskclipstar", "maskclip*baseline"}
 
 
+_COMPARISON_ROWS = {"gem": "GEM", "segearth-ov": "SegEarth-OV"}
+"""Methods whose own row of Tables 1 and 3 is the reference (the paper's comparison methods)."""
+
+
 def paper_method(method: str) -> str:
-    """The paper's row name for ``method``: "MaskCLIP* (baseline)" for the baseline, otherwise "ConInfer"."""
-    return PAPER_BASELINE if method.strip().lower() in _BASELINE_NAMES else PAPER_CONINFER
+    """The paper's row name for ``method``: "MaskCLIP* (baseline)" for the baseline, "GEM" / "SegEarth-OV" for
+    those comparison methods, otherwise "ConInfer"."""
+    key = method.strip().lower()
+    if key in _BASELINE_NAMES:
+        return PAPER_BASELINE
+    return _COMPARISON_ROWS.get(key, PAPER_CONINFER)
 
 
 def _as_result(result: EvalResult | Mapping[str, Any]) -> EvalResult:
@@ -68,8 +76,8 @@ def format_table(
     reference_method = paper_method(method)
     rows = [(f"ours ({method})", {d: ours.get(d) for d in datasets})]
     paper_rows = {PAPER_CONINFER: _paper_row(table, PAPER_CONINFER)}
-    if reference_method == PAPER_BASELINE:
-        paper_rows[PAPER_BASELINE] = _paper_row(table, PAPER_BASELINE)
+    if reference_method != PAPER_CONINFER:
+        paper_rows[reference_method] = _paper_row(table, reference_method)
     for name, values in paper_rows.items():
         rows.append((f"paper {name}", {d: values.get(d) for d in datasets}))
     reference = paper_rows[reference_method]

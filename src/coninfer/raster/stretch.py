@@ -91,10 +91,11 @@ def to_uint8(data: np.ndarray, valid: np.ndarray, stretch: tuple[tuple[float, fl
     if stretch is None:
         rgb = data.astype(np.uint8, copy=True)
     else:
-        low = np.array([s[0] for s in stretch], dtype=np.float32)[:, None, None]
-        high = np.array([s[1] for s in stretch], dtype=np.float32)[:, None, None]
+        low = np.array([s[0] for s in stretch], dtype=np.float64)[:, None, None]
+        high = np.array([s[1] for s in stretch], dtype=np.float64)[:, None, None]
+        scale = (255.0 / (high - low)).astype(np.float32)  # in float64: a constant band's 1e-6 range stays > 0
         with np.errstate(over="ignore", invalid="ignore"):  # fill values such as 3.4e38 overflow to inf
-            scaled = (data.astype(np.float32) - low) * (255.0 / (high - low))
+            scaled = (data.astype(np.float32) - low.astype(np.float32)) * scale
         rgb = np.rint(np.clip(np.nan_to_num(scaled), 0.0, 255.0)).astype(np.uint8)
     rgb[:, ~valid] = 0
     return rgb

@@ -1,8 +1,9 @@
 """Write segmentation results: class map and probabilities (COG), vectors, preview PNG, JSON report.
 
-Every writer is atomic: it writes a temporary file (``.<name>.<random>.part<suffix>``) in the destination folder
-and moves it into place with ``os.replace`` only when complete; on any exception the temporary files are
-deleted, so a failed run never leaves partial output.
+Every writer is atomic through :mod:`coninfer._fs`: it writes a temporary file
+(``.<name>.<pid>-<random>.coninfer-tmp<suffix>``) in the destination folder and moves it into place with
+``os.replace`` only when complete; on any exit, KeyboardInterrupt included, the temporary files are deleted, and
+those of a killed run are removed by the next run on the same output.
 
 Rasters are written block by block, so scenes larger than memory work: the blocks go to a tiled GeoTIFF,
 which is then copied to a Cloud-Optimized GeoTIFF (GDAL's COG driver, overviews built by that copy).
@@ -12,73 +13,29 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-import fiona
 import numpy as np
 import rasterio
 import rasterio.shutil
 from PIL import Image, ImageDraw, ImageFont
-from rasterio import features
 from rasterio.io import DatasetWriter
 from rasterio.windows import Window
 
-from coninfer.errors import OutputError
-from coninfer.raster import geodesy
+from coninfer._fs import atomic_path, check_output_path, temporary_name, write_error  # noqa: F401
 from coninfer.raster.read import Georef, _quiet
-from coninfer.raster.style import Color, class_colors, class_map_sidecars, hex_color, write_class_map_sidecars
+from coninfer.raster.style import Color, class_colors, class_map_sidecars, write_class_map_sidecars
 from coninfer.raster.tiles import NODATA_LABEL, block_windows
+from coninfer.raster.vectors import write_vectors  # re-exported: coninfer.raster imports it from here
 
 _COG_OPTIONS = {"compress": "deflate", "blocksize": 512, "bigtiff": "IF_SAFER"}
-_VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 
 
 def default_colors(n: int) -> list[Color]:
     """``n`` distinct RGB colours for classes without names: :func:`~coninfer.raster.style.class_colors`'s
     fallback sequence (prefix-stable: the first colours do not depend on ``n``)."""
     return class_colors([f"class {i}" for i in range(n)])
-
-
-def check_output_path(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Path:
-    """Check that ``path`` may be written; return it as a Path.
-
-    Raises:
-        OutputError: the path is one of ``inputs``, is a folder, exists without ``overwrite``, or its folder
-            is missing or not writable.
-    """
-    path = Path(path)
-    for source in inputs:
-        if Path(source).resolve() == path.resolve():
-            raise OutputError(f"output {path} is the input {source}", hint="choose another output path")
-    folder = path.parent
-    if not folder.is_dir():
-        raise OutputError(
-            f"output folder {folder} does not exist", hint=f"create it first: mkdir -p {folder}"
-        )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {folder} is not writable", hint="choose a folder you can write to")
-    if path.is_dir():
-        raise OutputError(f"output {path} is a folder", hint="pass a file path")
-    if path.exists() and not overwrite:
-        raise OutputError(f"output {path} already exists", hint="pass --overwrite to replace it")
-    return path
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` (same suffix, so drivers see the right format); on success
-    move it onto ``path``, on error delete it."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part{path.suffix}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class _CogWriter:
@@ -97,8 +54,8 @@ class _CogWriter:
         self.path = Path(path)
         self.georef = georef
         self._resampling = resampling
-        self._final = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.part.tif")
-        self._staging = self._final.with_suffix(".stage.tif")
+        self._final = temporary_name(self.path.with_suffix(".tif"))
+        self._staging = self._final.with_suffix(".stage.tif")  # still a temporary of the output's name
         profile = georef.profile(count=count, dtype="uint8", nodata=nodata)
         profile.update(tiled=True, blockxsize=512, blockysize=512, compress="deflate", zlevel=1)
         profile.update(bigtiff="IF_SAFER")
@@ -107,7 +64,7 @@ class _CogWriter:
             with _quiet():
                 self._dst = rasterio.open(self._staging, "w", **profile)
             setup(self._dst)
-        except Exception:
+        except BaseException:  # KeyboardInterrupt too: no stage file may stay behind
             if self._dst is not None:
                 self._dst.close()
             self._cleanup()
@@ -123,7 +80,10 @@ class _CogWriter:
                 with _quiet():
                     options = {"overview_resampling": self._resampling, **_COG_OPTIONS}
                     rasterio.shutil.copy(self._staging, self._final, driver="COG", **options)
-                os.replace(self._final, self.path)
+                try:
+                    os.replace(self._final, self.path)
+                except OSError as error:
+                    raise write_error(self.path, error) from error
         finally:
             self._cleanup()
 
@@ -134,7 +94,7 @@ class _CogWriter:
 
     def _cleanup(self) -> None:
         for temporary in (self._staging, self._final):
-            for sidecar in ("", ".aux.xml", ".msk"):
+            for sidecar in ("", ".aux.xml", ".msk", ".ovr.tmp", ".msk.ovr.tmp"):
                 Path(f"{temporary}{sidecar}").unlink(missing_ok=True)
 
 
@@ -269,65 +229,6 @@ def write_probabilities(
     return Path(path)
 
 
-def write_vectors(
-    path: str | Path,
-    class_map: str | Path | np.ndarray,
-    class_names: Sequence[str],
-    georef: Georef | None = None,
-    *,
-    layer: str | None = None,
-    colors: Sequence[Color] | None = None,
-) -> Path:
-    """Write one dissolved MultiPolygon per present class to GeoPackage (.gpkg) or GeoJSON (.geojson/.json).
-
-    GDAL's polygonize (4-connected) merges touching pixels of a value into one polygon; the polygons of a class
-    become the parts of its MultiPolygon. Attributes: ``class_id``, ``class_name``, ``color`` (``#rrggbb``, default
-    :func:`~coninfer.raster.style.class_colors`; QGIS: data-defined fill colour), ``area`` and ``area_unit``
-    (see :attr:`Georef.area_unit`: m² for a projected or geographic CRS, else map units² or pixels), polygon
-    areas summed by the shoelace formula (on the ellipsoid for a geographic CRS, see
-    :mod:`~coninfer.raster.geodesy`). Coordinates are in the input CRS. Classes absent from the map get no feature.
-    GDAL reads a class-map file block by block, but all polygons are held in memory until written.
-
-    Args:
-        class_map: path of a written class map (its grid is used) or an (H, W) uint8 array with ``georef``.
-        layer: layer name [default: the file name without its suffix].
-    """
-    path = Path(path)
-    driver = _VECTOR_DRIVERS.get(path.suffix.lower())
-    if driver is None:
-        raise OutputError(
-            f"cannot write vectors to {path}: unknown extension {path.suffix!r}",
-            hint="use a .gpkg or .geojson file name",
-        )
-    if isinstance(class_map, np.ndarray):
-        if georef is None:
-            raise ValueError("georef is needed when class_map is an array")
-        parts = _polygons_by_class(class_map, georef, len(class_names))
-    else:
-        with _quiet(), rasterio.open(class_map) as src:
-            georef = Georef(src.width, src.height, src.crs if src.crs else None, src.transform)
-            parts = _polygons_by_class(rasterio.band(src, 1), georef, len(class_names))
-    schema = {
-        "geometry": "MultiPolygon",
-        "properties": {"class_id": "int", "class_name": "str", "color": "str", "area": "float", "area_unit": "str"},
-    }
-    colors = class_colors(class_names) if colors is None else list(colors)
-    layer = re.sub(r"\W", "_", layer or path.stem)  # GPKG layer names allow no dots or spaces
-    with (
-        atomic_path(path) as temporary,
-        fiona.open(temporary, "w", driver=driver, schema=schema, crs=georef.crs, layer=layer) as sink,
-    ):
-        for class_id, polygons in sorted(parts.items()):
-            area = sum(_polygon_area(rings, georef) for rings in polygons)
-            properties = {"class_id": class_id, "class_name": class_names[class_id], "color": hex_color(colors[class_id]),
-                          "area": area}
-            properties["area_unit"] = georef.area_unit
-            sink.write(
-                {"geometry": {"type": "MultiPolygon", "coordinates": polygons}, "properties": properties}
-            )
-    return path
-
-
 def write_preview(
     path: str | Path,
     rgb: np.ndarray,
@@ -412,30 +313,6 @@ def _as_blocks(labels: np.ndarray | Iterable[tuple[Window, np.ndarray]], georef:
     if labels.shape != (georef.height, georef.width):
         raise ValueError(f"labels must have shape {(georef.height, georef.width)}, got {labels.shape}")
     return ((w, labels[w.toslices()]) for w in block_windows(georef.width, georef.height))
-
-
-def _polygons_by_class(source, georef: Georef, num_classes: int) -> dict[int, list]:
-    """class id -> list of polygons (each a list of rings of (x, y)) from GDAL polygonize."""
-    parts: dict[int, list] = {}
-    for geometry, value in features.shapes(source, connectivity=4, transform=georef.transform):
-        class_id = int(value)
-        if class_id < num_classes:  # 255 (invalid) and stray values are not classes
-            parts.setdefault(class_id, []).append(geometry["coordinates"])
-    return parts
-
-
-def _polygon_area(rings: list, georef: Georef) -> float:
-    """Area of a polygon (exterior ring then holes) in :attr:`Georef.area_unit`."""
-    areas = []
-    for ring in rings:
-        xy = np.asarray(ring, dtype=np.float64)
-        if georef.is_geographic:
-            areas.append(geodesy.ring_area(xy, georef.crs))
-            continue
-        x, y = xy[:, 0], xy[:, 1]
-        areas.append(0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
-    area = areas[0] - sum(areas[1:])
-    return area * georef.metres_per_unit**2 if georef.is_projected else area
 
 
 def _with_legend(image: Image.Image, class_names: Sequence[str], colors: Sequence[Color]) -> Image.Image:

@@ -183,6 +183,22 @@ class TestSegmentArray:
         with rasterio.open(tmp_path / "out.tif") as src:
             np.testing.assert_array_equal(src.read(1), labels)
 
+    def test_torch_input_and_validity_mask(self, segmenter: Segmenter) -> None:
+        pixels = scenes.random_rgb(40, 70, seed=2)
+        options = SceneOptions(tile_size=TILE)
+        labels, probs = segmenter.segment_array(pixels, options)
+        from_torch = segmenter.segment_array(torch.from_numpy(pixels), options)
+        np.testing.assert_array_equal(from_torch[0], labels)
+        np.testing.assert_array_equal(from_torch[1], probs)
+        valid = np.ones(pixels.shape[:2], bool)
+        valid[:, :TILE] = False  # a nodata strip: its tiles are empty and its pixels nodata
+        masked, _ = segmenter.segment_array(pixels, options, valid=valid)
+        assert (masked[:, :TILE] == 255).all() and (masked[:, TILE:] < 255).all()
+
+    def test_empty_array_is_one_clear_error(self, segmenter: Segmenter) -> None:
+        with pytest.raises(InputError, match="empty"):
+            segmenter.segment_array(np.zeros((0, 0, 3), np.uint8))
+
     @pytest.mark.parametrize("array", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8),
                                        np.zeros((8, 8, 3), np.float32)])
     def test_bad_array(self, segmenter: Segmenter, array: np.ndarray) -> None:

@@ -36,7 +36,7 @@ from coninfer.errors import InputError, InputFileError, ResourceError
 from coninfer.postprocess import class_probabilities, patches_to_grid
 from coninfer.raster.tiles import BandStitcher, StitchedBlock, TileGrid
 from coninfer.settings import InferenceSettings, SceneOptions
-from coninfer.solver import Gather, Reduce, assign, fit_context
+from coninfer.solver import Gather, Reduce, assign, fit_context, prior_probabilities
 from coninfer.tile_step import Models, encode_tiles
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def keep_prior(store, tiles: Sequence[int], settings: InferenceSettings, chunk_t
     """z = softmax(prior_scale * logits) for ``tiles`` (the ``none`` context and the baseline method)."""
     for group in _groups(tiles, chunk_tiles):
         logits = torch.from_numpy(np.asarray(store.logits[group]))
-        store.z[group] = torch.softmax(settings.solver.prior_scale * logits, -1).numpy()
+        store.z[group] = prior_probabilities(logits, settings.solver).numpy()
 
 
 def solve_context(store, tiles: Sequence[int], settings: InferenceSettings, chunk_tiles: int, *,

@@ -78,6 +78,7 @@ from coninfer.solver_core import (
 )
 
 __all__ = [
+    "prior_probabilities",
     "ChunkSource",
     "RefineResult",
     "SolverFit",
@@ -295,6 +296,12 @@ def _refine(logits: Any, features: Any, settings: SolverSettings, *, joint: bool
     if numpy_in:
         z, q = z.numpy(), (None if q is None else q.numpy())
     return RefineResult(z, fit, q)
+
+
+def prior_probabilities(logits: torch.Tensor, settings: SolverSettings) -> torch.Tensor:
+    """The prior the solver starts from, ``softmax_k(prior_scale * L)`` (N, K) float32: also the result of the
+    baseline method and of a context too small to fit (the one rule for both)."""
+    return torch.softmax(settings.prior_scale * logits.float(), dim=-1)
 
 
 def refine(

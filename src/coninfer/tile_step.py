@@ -24,7 +24,7 @@ from coninfer.errors import InputError
 from coninfer.postprocess import class_probabilities, labels_from_probabilities, patches_to_grid
 from coninfer.prompts import ClassList
 from coninfer.settings import InferenceSettings
-from coninfer.solver import refine
+from coninfer.solver import prior_probabilities, refine
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def solve(logits: torch.Tensor, features: torch.Tensor, settings: InferenceSetti
     """z (N, K) float32 for all patches of a context: the joint solver (``coninfer``), the decoupled one
     (``decoupled``: prior-free fit, then one fusion), or the prior alone for ``baseline``."""
     if settings.method == "baseline":
-        return torch.softmax(settings.solver.prior_scale * logits.float(), dim=-1)
+        return prior_probabilities(logits, settings.solver)
     return refine(logits, features, settings=settings.solver, joint=settings.method != "decoupled")
 
 

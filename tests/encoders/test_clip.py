@@ -80,13 +80,17 @@ def golden(golden_dir: Path) -> tuple[DenseCLIP, dict, torch.Tensor, dict]:
 class TestGoldenParity:
     """Fixture C of the golden set: official open_clip dense forward on a tiny random visual tower."""
 
-    def test_model_shape(self, golden) -> None:
+    def test_model_shape(self, golden, golden_dir: Path) -> None:
+        config = json.loads((golden_dir / "clip_config.json").read_text())
         dense = golden[0]
-        assert (dense.patch_size, dense.embed_dim, dense.num_layers, dense.has_text) == (16, 32, 12, False)
+        assert (dense.patch_size, dense.embed_dim, dense.num_layers, dense.has_text) == (
+            config["patch_size"], config["output_dim"], config["layers"], False)
 
     def test_positional_embedding_interpolation(self, golden) -> None:
-        dense, outputs, _, _ = golden
-        np.testing.assert_allclose(dense.position_embedding(28, 28).numpy(), outputs["pos_embed_interp"], atol=1e-5)
+        dense, outputs, pixels, _ = golden
+        grid_h, grid_w = (side // dense.patch_size for side in pixels.shape[2:])  # grid from image and patch size
+        np.testing.assert_allclose(dense.position_embedding(grid_h, grid_w).numpy(), outputs["pos_embed_interp"],
+                                   atol=1e-5)
 
     @pytest.mark.parametrize("key", GOLDEN_KEYS)
     def test_dense_tokens(self, golden, key: str) -> None:
@@ -100,7 +104,8 @@ class TestGoldenParity:
             key = key.removesuffix("_cls")
         else:
             tokens = result
-        assert tokens.shape == (2, 784, 32)
+        grid_h, grid_w = (side // dense.patch_size for side in pixels.shape[2:])
+        assert tokens.shape == (pixels.shape[0], grid_h * grid_w, dense.embed_dim)
         np.testing.assert_allclose(tokens.numpy(), outputs[f"tokens__{key}"], atol=1e-4, rtol=0)
 
 

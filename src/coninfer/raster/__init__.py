@@ -28,8 +28,6 @@ from coninfer.raster.read import (
     scene_is_empty,
 )
 from coninfer.raster.tiles import (
-    DEFAULT_OVERLAP,
-    DEFAULT_TILE_SIZE,
     NODATA_LABEL,
     BandStitcher,
     StitchedBlock,
@@ -54,9 +52,7 @@ from coninfer.raster.write import (
 )
 
 __all__ = [
-    "DEFAULT_OVERLAP",
     "GDAL_CACHE_BYTES",
-    "DEFAULT_TILE_SIZE",
     "NODATA_LABEL",
     "STATS_SIZE",
     "STRETCH_PERCENTILES",

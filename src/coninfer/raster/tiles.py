@@ -1,13 +1,13 @@
 """Tiling arithmetic and seamless stitching of per-tile class probabilities.
 
-Tile size: the CLI default is ``DEFAULT_TILE_SIZE = 448`` source pixels, fed to the models at 448 x 448, i.e.
+Tile size (defaults in :class:`coninfer.settings.SceneOptions`): 448 source pixels, fed to the models at 448 x 448, i.e.
 at the source's native resolution. The models then see the ground at the source GSD, as in the paper, whose
 448² crops come from 0.3-1 m imagery; the ViT/16 encoders turn such a tile into a 28 x 28 patch grid.
 
 Overlap: neighbouring tiles share ``overlap`` pixels; :func:`blend_weights` ramps each tile's weight linearly
 across that band, so the weighted mean of overlapping probabilities changes smoothly from one tile to the next
-(no seams). ``DEFAULT_OVERLAP = 64`` (1/7 of a tile) costs about (448/384)² = 1.36 times the tiles of a
-non-overlapping grid.
+(no seams). An overlap of 64 px (1/7 of a tile) costs about (448/384)² = 1.36 times the tiles of a
+non-overlapping grid; the default is 0, the paper's setting.
 
 Large scenes: :class:`BandStitcher` takes tiles row-major and holds only one band of ``tile_size`` rows across
 the scene width, (C + 1, tile_size, width) float32, emitting each band's final blocks as soon as the next tile
@@ -26,8 +26,6 @@ from rasterio.windows import Window
 
 from coninfer.postprocess import labels_from_probabilities_np
 
-DEFAULT_TILE_SIZE = 448
-DEFAULT_OVERLAP = 64
 NODATA_LABEL = 255
 """Label of invalid pixels in class maps; class indexes therefore run 0..254."""
 BLOCK_WIDTH = 2048
@@ -47,8 +45,8 @@ class TileGrid:
 
     width: int
     height: int
-    tile_size: int = DEFAULT_TILE_SIZE
-    overlap: int = DEFAULT_OVERLAP
+    tile_size: int
+    overlap: int
 
     def __post_init__(self) -> None:
         for name in ("width", "height", "tile_size"):
@@ -268,8 +266,6 @@ def finalize_block(accumulated: np.ndarray, window: Window, prob_thd: float, bg_
 
 __all__ = [
     "BLOCK_WIDTH",
-    "DEFAULT_OVERLAP",
-    "DEFAULT_TILE_SIZE",
     "NODATA_LABEL",
     "StitchedBlock",
     "TileGrid",

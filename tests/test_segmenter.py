@@ -410,3 +410,23 @@ class TestPackage:
                 "import coninfer; from coninfer.segmenter import Segmenter; assert coninfer.Segmenter is Segmenter")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
+
+
+def test_gdal_cache_inside_a_run_is_256_mib_in_bytes(segmenter: Segmenter, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bug this pins: ``rasterio.Env(GDAL_CACHEMAX=256)`` is 256 *bytes*; every read of a run ran under it."""
+    import coninfer.segmenter as segmenter_module
+
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    seen = []
+    real = segmenter_module.encode_scene
+
+    def spy(*args, **kwargs):
+        seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(segmenter_module, "encode_scene", spy)
+    source = scenes.rgb(tmp_path / "a.tif", scenes.random_rgb(40, 50, seed=1))
+    segmenter.segment_file(source, tmp_path / "out.tif", SceneOptions(tile_size=TILE), workdir=tmp_path / "work",
+                           progress=False)
+    assert seen == [256 * 2**20]

@@ -7,15 +7,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,29 +34,13 @@ from coninfer.pipeline import (
 )
 from coninfer.prompts import ClassList
 from coninfer.raster import read, report_html, style, write
+from coninfer.raster.source import gdal_env
 from coninfer.raster.tiles import NODATA_LABEL
 from coninfer.settings import DenseCLIPSettings, InferenceSettings, SceneOptions
 from coninfer.store import STORE_VERSION, TileStore, clear_folder, locked_folder
 from coninfer.tile_step import Models, load_models
 
 logger = logging.getLogger(__name__)
-
-GDAL_CACHE_BYTES = 256 * 2**20
-"""GDAL's block cache during a run, in bytes: an integer GDAL_CACHEMAX given to rasterio.Env is a number of
-bytes (GDAL's default, 5% of RAM, would fill with a scene-sized class map)."""
-
-
-@contextlib.contextmanager
-def bounded_gdal_cache() -> Iterator[None]:
-    """GDAL_CACHEMAX = :data:`GDAL_CACHE_BYTES` for the block, unless the user set GDAL_CACHEMAX."""
-    if "GDAL_CACHEMAX" in os.environ:
-        yield
-        return
-    import rasterio
-
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
-        yield
-
 
 class Segmenter:
     """Open-vocabulary segmentation of scenes and arrays with ConInfer, around loaded models.
@@ -160,7 +142,7 @@ class Segmenter:
         targets = check_outputs(source, {"class_map": out, **outputs}, overwrite=overwrite)
         palette = self.colors(colors)
         # held from this check to the final move: a concurrent run on the same outputs stops at once
-        with _fs.hold_outputs(targets.values()), bounded_gdal_cache():
+        with _fs.hold_outputs(targets.values()), gdal_env(source):
             targets = check_outputs(source, targets, overwrite=overwrite)  # again, now that no one else writes
             scene = path if isinstance(path, read.Scene) else read.open_scene(path, bands=bands)
             if read.scene_is_empty(scene):

@@ -68,7 +68,8 @@ def segment(input_path: str, output: Path, classes_text: str | None, classes_fil
     from coninfer.outputs import check_outputs
     from coninfer.prompts import ClassList
     from coninfer.raster import read
-    from coninfer.segmenter import Segmenter, bounded_gdal_cache
+    from coninfer.raster.source import gdal_env
+    from coninfer.segmenter import Segmenter
     from coninfer.settings import SceneOptions
 
     if sum(value is not None for value in (classes_text, classes_file, classes_preset)) != 1:
@@ -93,7 +94,7 @@ def segment(input_path: str, output: Path, classes_text: str | None, classes_fil
                                                bg_index=bg_index)
     # fail on bad inputs/outputs before loading any model
     check_outputs(input_path, {"class_map": output, **extra_outputs}, overwrite=overwrite)
-    with bounded_gdal_cache():
+    with gdal_env(input_path):
         scene = read.open_scene(input_path, bands=band_indexes)
         if read.scene_is_empty(scene):
             raise InputError(f"{input_path} is entirely nodata", hint="check the nodata value / mask of the input")

@@ -86,7 +86,7 @@ def decimated_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
 
 
 def sample_windows(height: int, width: int, block: tuple[int, int], budget: int) -> list[Window]:
-    """Whole-block windows on an even grid over a (height, width) raster, ``budget`` pixels at most (at
+    """Whole-block windows on an even (stratified) grid over a (height, width) raster, ``budget`` pixels at most (at
     least one window). Strips (blocks under 64 rows) are grouped into chunks of at least 64 rows."""
     block_h, block_w = block
     block_h = block_h * math.ceil(64 / block_h) if block_h < 64 else block_h
@@ -95,8 +95,9 @@ def sample_windows(height: int, width: int, block: tuple[int, int], budget: int)
     count = max(1, budget // (block_h * block_w))
     picked_rows = min(grid_rows, count, max(1, round(math.sqrt(count * grid_rows / grid_cols))))
     picked_cols = min(grid_cols, max(1, count // picked_rows))
-    rows = np.unique(np.linspace(0, grid_rows - 1, picked_rows).round().astype(int))
-    cols = np.unique(np.linspace(0, grid_cols - 1, picked_cols).round().astype(int))
+    # the centre block of each of picked_rows x picked_cols equal strata: no bias towards the edges
+    rows = np.unique(((np.arange(picked_rows) + 0.5) * grid_rows / picked_rows).astype(int))
+    cols = np.unique(((np.arange(picked_cols) + 0.5) * grid_cols / picked_cols).astype(int))
     return [
         Window(c * block_w, r * block_h, min(block_w, width - c * block_w), min(block_h, height - r * block_h))
         for r in rows

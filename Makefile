@@ -30,8 +30,10 @@ demo: setup
 	@test -f "$(DEMO_INPUT)" || { echo "demo input $(DEMO_INPUT) not found: run make demo DEMO_INPUT=your_scene.tif"; exit 2; }
 	mkdir -p out
 	$(VENV)/bin/coninfer segment "$(DEMO_INPUT)" -o out/demo.tif --classes "$(CLASSES)" --vlm $(VLM) --vfm $(VFM) \
-		--overlap 64 --probabilities out/demo_probs.tif --vector out/demo.gpkg --preview out/demo.png --overwrite
-	@echo "outputs in out/: demo.tif (class map), demo_probs.tif, demo.gpkg, demo.png, demo.json (report)"
+		--overlap 64 --probabilities out/demo_probs.tif --confidence out/demo_confidence.tif --vector out/demo.gpkg \
+		--preview out/demo.png --html out/demo.html --overwrite
+	@echo "outputs in out/: demo.tif (class map, + .qml style, .aux.xml names), demo_probs.tif, demo_confidence.tif,"
+	@echo "                 demo.gpkg, demo.png, demo.json and demo.html (reports)"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -430,3 +430,59 @@ def test_gdal_cache_inside_a_run_is_256_mib_in_bytes(segmenter: Segmenter, tmp_p
     segmenter.segment_file(source, tmp_path / "out.tif", SceneOptions(tile_size=TILE), workdir=tmp_path / "work",
                            progress=False)
     assert seen == [256 * 2**20]
+
+
+class TestDamage:
+    """Nothing damaged reaches the outputs: bad store records are re-encoded, a bad state file stops the run,
+    and a full disk while writing is one line with the old outputs untouched."""
+
+    OPTIONS = SceneOptions(tile_size=TILE, batch_size=2)
+
+    def _run(self, segmenter: Segmenter, source: Path, out: Path, work: Path, **kwargs) -> dict:
+        return segmenter.segment_file(source, out, self.OPTIONS, workdir=work, keep_workdir=True, progress=False,
+                                      overwrite=True, **kwargs)
+
+    def test_damaged_records_are_encoded_again(self, segmenter: Segmenter, tmp_path: Path, caplog) -> None:
+        source = scenes.rgb(tmp_path / "a.tif", scenes.random_rgb(64, 64, seed=4))
+        self._run(segmenter, source, tmp_path / "fresh.tif", tmp_path / "work")
+        [folder] = (tmp_path / "work").iterdir()
+        for name in ("logits.f32", "z.f32"):  # random bytes over the first tiles' priors and solver output
+            with open(folder / name, "r+b") as handle:
+                handle.write(np.random.default_rng(0).bytes(256))
+        with caplog.at_level("WARNING"):
+            report = self._run(segmenter, source, tmp_path / "again.tif", tmp_path / "work")
+        assert "damaged tile" in caplog.text and report["tiles"]["resumed_from"] < report["tiles"]["total"]
+        with rasterio.open(tmp_path / "fresh.tif") as a, rasterio.open(tmp_path / "again.tif") as b:
+            np.testing.assert_array_equal(a.read(), b.read())
+
+    def test_corrupt_state_file_is_one_line_naming_no_resume(self, segmenter: Segmenter, tmp_path: Path) -> None:
+        from coninfer.store import StoreCorruptError
+
+        source = scenes.rgb(tmp_path / "a.tif", scenes.random_rgb(64, 64, seed=4))
+        self._run(segmenter, source, tmp_path / "out.tif", tmp_path / "work")
+        [folder] = (tmp_path / "work").iterdir()
+        (folder / "state.json").write_text("{not json")
+        with pytest.raises(StoreCorruptError, match="state.json") as error:
+            self._run(segmenter, source, tmp_path / "out2.tif", tmp_path / "work")
+        assert "--no-resume" in str(error.value) and "\n" not in str(error.value)
+        assert not (tmp_path / "out2.tif").exists()
+        self._run(segmenter, source, tmp_path / "out2.tif", tmp_path / "work", resume=False)
+        assert (tmp_path / "out2.tif").exists()
+
+    def test_full_disk_while_writing_outputs(self, segmenter: Segmenter, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+        from rasterio.errors import RasterioIOError
+
+        from coninfer.raster import write
+
+        source = scenes.rgb(tmp_path / "a.tif", scenes.random_rgb(64, 64, seed=4))
+        (tmp_path / "out.tif").write_bytes(b"old")
+
+        def full(*args, **kwargs):
+            raise RasterioIOError("Free disk space available is 0 bytes, whereas 65536 are at least necessary")
+
+        monkeypatch.setattr(write.ClassMapWriter, "write", full)
+        with pytest.raises(OutputError, match="cannot write the outputs in") as error:
+            self._run(segmenter, source, tmp_path / "out.tif", tmp_path / "work")
+        assert "\n" not in str(error.value) and (tmp_path / "out.tif").read_bytes() == b"old"
+        assert not [p for p in tmp_path.iterdir() if ".coninfer-" in p.name]

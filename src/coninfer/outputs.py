@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from coninfer._fs import atomic_path, check_output_path, is_virtual_path
-from coninfer.errors import InputError, OutputError
+from coninfer._fs import atomic_path, check_output_path, is_virtual_path, write_error
+from coninfer.errors import ConInferError, InputError, OutputError
 from coninfer.raster import read, report_html, style, vectors, write
 from coninfer.raster.tiles import StitchedBlock
 
@@ -160,7 +160,25 @@ def check_outputs(source: str | Path, given: Mapping[str, str | Path | None], *,
     return outputs
 
 
-def write_outputs(outputs: Mapping[str, Path], run_scene, class_names: list[str], colors: list,
+def write_outputs(*args, **kwargs) -> dict:
+    """:func:`_write_outputs`, with a full disk or a failing driver as one line naming the output folder (the
+    old outputs, if any, are untouched: nothing was moved yet)."""
+    from rasterio.errors import RasterioError
+
+    try:
+        return _write_outputs(*args, **kwargs)
+    except ConInferError:
+        raise
+    except (OSError, RasterioError) as error:
+        folder = Path(next(iter(args[0].values()))).parent if args and args[0] else "the output folder"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, OSError) and error.errno is not None:
+            raise write_error(folder, error) from error
+        raise OutputError(f"cannot write the outputs in {folder}: {reason}",
+                          hint="check the free space and permissions of the output folder") from error
+
+
+def _write_outputs(outputs: Mapping[str, Path], run_scene, class_names: list[str], colors: list,
                   blocks: Iterable[StitchedBlock],
                   summarize: Callable[[np.ndarray, np.ndarray], dict], timings: dict[str, float], *,
                   overwrite: bool = False) -> dict:

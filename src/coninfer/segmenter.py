@@ -34,7 +34,7 @@ from coninfer.pipeline import (
 )
 from coninfer.prompts import ClassList
 from coninfer.raster import read, report_html, style, write
-from coninfer.raster.source import gdal_env
+from coninfer.raster.source import gdal_env, is_virtual
 from coninfer.raster.tiles import NODATA_LABEL
 from coninfer.settings import DenseCLIPSettings, InferenceSettings, SceneOptions
 from coninfer.store import STORE_VERSION, TileStore, clear_folder, locked_folder
@@ -119,7 +119,7 @@ class Segmenter:
         return labels, probs
 
     def segment_file(self, path: str | Path | read.Scene, out: str | Path, options: SceneOptions = SceneOptions(),
-                     *, bands: Sequence[int] | None = None, workdir: str | Path | None = None, resume: bool = True,
+                     *, bands: Sequence[int] | None = None, nodata: float | None = None, workdir: str | Path | None = None, resume: bool = True,
                      keep_workdir: bool = False, overwrite: bool = False, progress: bool = True,
                      colors: str | Mapping[str, tuple[int, int, int]] | None = None,
                      **outputs: str | Path | None) -> dict:
@@ -136,15 +136,16 @@ class Segmenter:
         a lock on its store, so a concurrent identical run fails.
         """
         started = time.perf_counter()
-        if isinstance(path, read.Scene) and bands is not None:
-            raise InputError("bands are chosen when the scene is opened", hint="pass open_scene(path, bands=...)")
+        if isinstance(path, read.Scene) and (bands is not None or nodata is not None):
+            raise InputError("bands and nodata are chosen when the scene is opened",
+                             hint="pass open_scene(path, bands=..., nodata=...)")
         source = path.path if isinstance(path, read.Scene) else path
         targets = check_outputs(source, {"class_map": out, **outputs}, overwrite=overwrite)
         palette = self.colors(colors)
         # held from this check to the final move: a concurrent run on the same outputs stops at once
         with _fs.hold_outputs(targets.values()), gdal_env(source):
             targets = check_outputs(source, targets, overwrite=overwrite)  # again, now that no one else writes
-            scene = path if isinstance(path, read.Scene) else read.open_scene(path, bands=bands)
+            scene = path if isinstance(path, read.Scene) else read.open_scene(path, bands=bands, nodata=nodata)
             if read.scene_is_empty(scene):
                 raise InputError(f"{source} is entirely nodata", hint="check the nodata value / mask of the input")
             folder = self._workdir(scene, options, workdir)
@@ -213,6 +214,10 @@ class Segmenter:
             "input": str(scene.path),
             "outputs": {name: str(path) for name, path in outputs.items()},
             "crs": scene.georef.crs.to_string() if scene.georef.crs else None,
+            "input_reading": {"georeference": scene.georef.kind, "expanded_palette": scene.expanded_palette,
+                              "nodata": _json_number(scene.nodata), "nodata_explicit": scene.nodata_explicit,
+                              "untagged_fill_values": [_json_number(v) for v in scene.fill_values], "statistics_from": scene.stats_source,
+                              "pages": scene.pages},
             "size": {"width": scene.width, "height": scene.height},
             "georeference": report_html.georeference(scene.georef),
             "classes": [{**row, "color": style.hex_color(color)} for row, color in
@@ -229,10 +234,15 @@ class Segmenter:
         }
 
 
+def _json_number(value):
+    """A number JSON can hold: NaN (a valid nodata value) as the string "nan"."""
+    return "nan" if isinstance(value, float) and value != value else value
+
+
 def _input_identity(path) -> dict:
     """The input file as the resume key sees it; ctime and inode change whenever the file is rewritten, even by
     tools that restore its mtime. Virtual paths (URLs) have no stat: their path names them."""
-    if _fs.is_virtual_path(path):
+    if is_virtual(path):
         return {"input": str(path)}
     stat = Path(path).stat()
     return {"input": str(Path(path).resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,

@@ -429,3 +429,32 @@ def test_sigterm_and_ctrl_c_exit_cleanly(tmp_path: Path, cache_dir: Path, name: 
     assert process.returncode == code, process.stderr[-2000:]
     assert len(process.stderr.strip().splitlines()) == 1
     assert {p.name for p in tmp_path.iterdir()} == {"scene.tif", "work"}
+
+
+def test_nodata_option_and_the_input_reading_report(tmp_path: Path) -> None:
+    source = scenes.multispectral(tmp_path / "scene.tif", count=3)
+    result = _run(source, "--nodata", "0", "-q")
+    assert result.exit_code == 0, result.output
+    reading = json.loads((tmp_path / "out.json").read_text())["input_reading"]
+    assert reading["nodata"] == 0 and reading["nodata_explicit"] and reading["georeference"] == "geotransform"
+
+
+def test_gcp_georeferencing_is_kept_in_every_output(tmp_path: Path) -> None:
+    """A scene placed by GCPs (no geotransform): the class map carries the same GCPs and CRS, the vectors are in
+    that CRS, and the report's areas are in m², not pixels."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "raster"))
+    import rasters
+
+    source = tmp_path / "gcp.tif"
+    rasters.gcp_uint8(source)
+    result = _run(source, "--vector", str(tmp_path / "v.gpkg"), "-q")
+    assert result.exit_code == 0, result.output
+    with rasterio.open(source) as src, rasterio.open(tmp_path / "out.tif") as out:
+        (gcps_in, crs_in), (gcps_out, crs_out) = src.gcps, out.gcps
+        assert crs_out == crs_in and [(g.row, g.col, g.x, g.y) for g in gcps_out] == [
+            (g.row, g.col, g.x, g.y) for g in gcps_in]
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["input_reading"]["georeference"] == "gcps" and report["crs"] == "EPSG:25832"
+    assert {row["area_unit"] for row in report["classes"]} == {"m2"}
+    with fiona.open(tmp_path / "v.gpkg") as layer:
+        assert layer.crs and next(iter(layer))["geometry"]["coordinates"][0][0][0][0] > 1000  # metres, not px

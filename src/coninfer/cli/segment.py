@@ -40,6 +40,7 @@ def _output_option(name: str):
 @method_options(lambda_default_help="the variant's; 0.6 for segearth")
 @scene_options()
 @click.option("--bands", help="1-based band indexes read as R,G,B, e.g. 3,2,1 (default: first three).")
+@click.option("--nodata", type=float, help="The input's nodata value, replacing the file's (e.g. -9999, nan).")
 @click.option("--prob-thd", type=click.FloatRange(0.0, 1.0), default=_POST.prob_thd, show_default=True,
               help="Pixels whose top class probability is below this get --bg-index (0 = off).")
 @click.option("--bg-index", type=click.IntRange(min=0), default=_POST.bg_index, show_default=True,
@@ -61,7 +62,8 @@ def segment(input_path: str, output: Path, classes_text: str | None, classes_fil
             vfm: str, device: str, precision: str, method: str, vlm_variant: str | None, attn_lambda: float | None,
             temperature: float | None, iterations: int | None, vfm_features: str, prior: str, upsampler: str | None,
             context: str, context_size: int,
-            tile_size: int, overlap: int, model_res: int, batch_size: int, bands: str | None, prob_thd: float,
+            tile_size: int, overlap: int, model_res: int, batch_size: int, bands: str | None, nodata: float | None,
+            prob_thd: float,
             bg_index: int, workdir: Path | None, resume: bool, overwrite: bool, quiet: bool,
             **extra_outputs: Path | None) -> None:
     """Segment INPUT (any raster GDAL reads: GeoTIFF, PNG, JPEG, VRT, /vsi… paths) into a class map with ConInfer."""
@@ -95,7 +97,7 @@ def segment(input_path: str, output: Path, classes_text: str | None, classes_fil
     # fail on bad inputs/outputs before loading any model
     check_outputs(input_path, {"class_map": output, **extra_outputs}, overwrite=overwrite)
     with gdal_env(input_path):
-        scene = read.open_scene(input_path, bands=band_indexes)
+        scene = read.open_scene(input_path, bands=band_indexes, nodata=nodata)
         if read.scene_is_empty(scene):
             raise InputError(f"{input_path} is entirely nodata", hint="check the nodata value / mask of the input")
         if colors:

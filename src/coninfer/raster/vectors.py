@@ -55,8 +55,13 @@ def write_vectors(
         parts = _polygons_by_class(class_map, georef, len(class_names))
     else:
         with _quiet(), rasterio.open(class_map) as src:
-            georef = Georef(src.width, src.height, src.crs if src.crs else None, src.transform)
-            parts = _polygons_by_class(rasterio.band(src, 1), georef, len(class_names))
+            gcps, gcp_crs = src.gcps
+            crs = src.crs if src.crs else (gcp_crs if gcps else None)
+            # a GCP-georeferenced class map: polygons in the GCPs' CRS, through their fitted transform
+            georef = Georef(src.width, src.height, crs, src.transform, gcps=tuple(gcps) if gcps else ())
+            # GDAL polygonizes a band in its dataset's own geotransform (identity for GCPs): those read the array
+            band = rasterio.band(src, 1) if georef.has_geotransform or not georef.gcps else src.read(1)
+            parts = _polygons_by_class(band, georef, len(class_names))
     schema = {
         "geometry": "MultiPolygon",
         "properties": {"class_id": "int", "class_name": "str", "color": "str", "area": "float", "area_unit": "str"},
@@ -81,7 +86,7 @@ def write_vectors(
 def _polygons_by_class(source, georef: Georef, num_classes: int) -> dict[int, list]:
     """class id -> list of polygons (each a list of rings of (x, y)) from GDAL polygonize."""
     parts: dict[int, list] = {}
-    for geometry, value in features.shapes(source, connectivity=4, transform=georef.transform):
+    for geometry, value in features.shapes(source, connectivity=4, transform=georef.grid_transform):
         class_id = int(value)
         if class_id < num_classes:  # 255 (invalid) and stray values are not classes
             parts.setdefault(class_id, []).append(geometry["coordinates"])

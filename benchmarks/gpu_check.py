@@ -110,8 +110,9 @@ def golden_end_to_end(golden: Path, device) -> None:
     query_idx = data["query_idx"].tolist()
     lines = [",".join(f"q{q}" for q, c in enumerate(query_idx) if c == cls) for cls in range(max(query_idx) + 1)]
     classes = ClassList.from_names(lines)
-    settings = InferenceSettings().with_values(temperature=meta["gmm_temp"], logit_scale=meta["logit_scale"],
-                                 prob_thd=meta["prob_thd"], bg_index=meta["bg_idx"])
+    settings = InferenceSettings(clip=clip_settings).with_values(
+        temperature=meta["gmm_temp"], logit_scale=meta["logit_scale"], prob_thd=meta["prob_thd"],
+        bg_index=meta["bg_idx"])
     unit = ((128 / 255,) * 3, (64 / 255,) * 3)
     images = np.moveaxis(data["images_u8"], 1, -1)
     size = tuple(meta["ori_shape"])

@@ -274,24 +274,27 @@ class TestGoldenEndToEnd:
     """Golden fixture E: official predict -> dense_forward -> gmm_fitting -> postprocess on two 448 px images."""
 
     @staticmethod
-    def _settings(meta: dict) -> InferenceSettings:
-        return InferenceSettings().with_values(model_res=448, temperature=meta["gmm_temp"], logit_scale=meta["logit_scale"],
-                                 prob_thd=meta["prob_thd"], bg_index=meta["bg_idx"])
+    def _settings(meta: dict, model_res: int) -> InferenceSettings:
+        # every setting from the fixture, the dense-CLIP ones included (they travel in the settings, per call)
+        clip = DenseCLIPSettings(meta["model_type"], meta["ignore_residual"], meta["attn_lambda"])
+        return InferenceSettings(clip=clip).with_values(
+            model_res=model_res, temperature=meta["gmm_temp"], logit_scale=meta["logit_scale"], prob_thd=meta["prob_thd"],
+            bg_index=meta["bg_idx"])
 
     def test_encode_and_solve(self, golden_e2e: tuple[dict, dict, Models]) -> None:
         arrays, meta, models = golden_e2e
         tiles = as_tile_batch(arrays["images_u8"])
-        logits, features = encode_tiles(models, tiles, self._settings(meta))
+        logits, features = encode_tiles(models, tiles, self._settings(meta, int(arrays["images_u8"].shape[-1])))
         np.testing.assert_allclose(logits.numpy(), arrays["clip_logits"], atol=1e-4, rtol=0)
         np.testing.assert_allclose(features.numpy(), arrays["dino_feats"], atol=1e-4, rtol=0)
         batch, patches, queries = logits.shape
-        z = solve(logits.reshape(batch * patches, queries), features.reshape(batch * patches, -1), self._settings(meta))
+        z = solve(logits.reshape(batch * patches, queries), features.reshape(batch * patches, -1), self._settings(meta, int(arrays["images_u8"].shape[-1])))
         np.testing.assert_allclose(z.numpy(), arrays["z"], atol=2e-4, rtol=0)
 
     def test_labels(self, golden_e2e: tuple[dict, dict, Models]) -> None:
         arrays, meta, models = golden_e2e
         images = np.moveaxis(arrays["images_u8"], 1, -1)  # (B, 3, H, W) -> (B, H, W, 3)
-        results = infer_tiles(models, images, self._settings(meta), output_sizes=[tuple(meta["ori_shape"])] * 2)
+        results = infer_tiles(models, images, self._settings(meta, int(arrays["images_u8"].shape[-1])), output_sizes=[tuple(meta["ori_shape"])] * 2)
         labels = np.stack([r.labels for r in results])
         assert labels.shape == arrays["pred"].shape
         robust = ~arrays["fragile"]

@@ -317,7 +317,7 @@ class MemoryStore:
         return dict(self._solved)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the arrays go with the store (the file store's interface has close())."""
 
 
 def _tile_range(tiles: Sequence[int]) -> str:

@@ -12,6 +12,7 @@ from coninfer.errors import InputError
 from coninfer.postprocess import (
     class_probabilities,
     labels_from_probabilities,
+    labels_from_probabilities_np,
     patches_to_grid,
     postprocess,
 )
@@ -136,3 +137,23 @@ class TestLabels:
         torch.testing.assert_close(result.probabilities, class_probabilities(grid, (11, 12), [0, 0, 1, 2]))
         torch.testing.assert_close(result.labels, labels_from_probabilities(result.probabilities, 0.3, 2))
         assert result.labels.shape == (2, 11, 12)
+
+
+class TestLabelsNumpy:
+    @pytest.mark.parametrize("num_classes", [1, 2, 7, 300])
+    def test_same_rule_as_numpy_argmax(self, num_classes: int) -> None:
+        generator = np.random.default_rng(num_classes)
+        # few distinct values: many ties, which must go to the first class like np.argmax
+        probabilities = generator.integers(0, 4, (num_classes, 33, 47)).astype(np.float32) / 4
+        probabilities[:, 0, :3] = np.nan  # NaN wins, as in numpy
+        probabilities[-1, 1, 0] = np.nan
+        for prob_thd, bg_index in ((0.0, 0), (0.5, min(num_classes - 1, 254))):
+            expected = probabilities.argmax(axis=0).astype(np.uint8)
+            expected[probabilities.max(axis=0) < prob_thd] = bg_index
+            labels = labels_from_probabilities_np(probabilities, prob_thd, bg_index)
+            assert labels.dtype == np.uint8
+            np.testing.assert_array_equal(labels, expected)
+            without_nan = np.nan_to_num(probabilities)
+            expected = without_nan.argmax(axis=0).astype(np.uint8)
+            expected[without_nan.max(axis=0) < prob_thd] = bg_index
+            np.testing.assert_array_equal(labels_from_probabilities_np(without_nan, prob_thd, bg_index), expected)

@@ -4,6 +4,7 @@ post-processing, resize, the per-patch pooling for ConInfer, and the per-dataset
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,11 @@ class TestPrediction:
         assert result.labels.shape == (70, 50) and result.probabilities.shape == (3, 70, 50)
         with pytest.raises(InputError, match="uint8"):
             segment_image(clip, upsampler, image.astype(np.float32), queries, [0, 1, 2], settings)
+        image.flags.writeable = False  # as decoded images and memory maps come
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns on tensors over read-only memory
+            again = segment_image(clip, upsampler, image, queries, [0, 1, 2], settings)
+        assert torch.equal(again.labels, result.labels)
 
     def test_bad_queries(self, tiny) -> None:
         clip, upsampler, _ = tiny

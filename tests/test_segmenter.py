@@ -26,7 +26,7 @@ from coninfer.raster import read
 from coninfer.segmenter import Segmenter
 from coninfer.settings import InferenceSettings, SceneOptions
 from coninfer.solver import refine
-from coninfer.store import TileStore, locked_folder
+from coninfer.store import EmbeddingStore, TileStore, locked_folder
 from coninfer.tile_step import Models, encode_tiles, load_models
 
 TILE = 32
@@ -215,7 +215,7 @@ class TestOutOfMemory:
         pixels = scenes.random_rgb(64, 96, seed=3)
         options = SceneOptions(tile_size=TILE, batch_size=4)
         expected, _ = segmenter.segment_array(pixels, options)
-        real, sizes = scene_module.encode_tiles, []
+        real, sizes = scene_module.embed_tiles, []
 
         def small_gpu(models, tiles, settings):
             sizes.append(len(tiles))
@@ -223,7 +223,7 @@ class TestOutOfMemory:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
             return real(models, tiles, settings)
 
-        monkeypatch.setattr(scene_module, "encode_tiles", small_gpu)
+        monkeypatch.setattr(scene_module, "embed_tiles", small_gpu)
         with caplog.at_level("WARNING"):
             labels, _ = segmenter.segment_array(pixels, options)
         np.testing.assert_array_equal(labels, expected)
@@ -236,7 +236,7 @@ class TestOutOfMemory:
         def no_gpu_memory(models, tiles, settings):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-        monkeypatch.setattr(scene_module, "encode_tiles", no_gpu_memory)
+        monkeypatch.setattr(scene_module, "embed_tiles", no_gpu_memory)
         with pytest.raises(ResourceError, match="out of memory even for one tile"):
             segmenter.segment_array(scenes.random_rgb(32, 32), SceneOptions(tile_size=TILE, batch_size=2))
 
@@ -253,8 +253,10 @@ class TestSegmentFile:
         assert report["tiles"] == {"total": 6, "empty": 0, "encoded": 6, "resumed_from": 0,
                                    "tiles_per_s": report["tiles"]["tiles_per_s"]}
         [folder] = (tmp_path / "work").iterdir()
-        store = TileStore(folder, 6, 4, len(segmenter.models.classes.queries))
-        assert store.missing_tiles() == [] and store.state["solved"]
+        [queries] = (folder / "queries").iterdir()  # the class-dependent store inside the embeddings folder
+        embeddings = EmbeddingStore(folder, 6, 4)
+        store = TileStore(queries, 6, 4, len(segmenter.models.classes.queries), embeddings=embeddings)
+        assert store.missing_tiles() == [] and store.state["solved"] and embeddings.missing_tiles() == []
 
     def test_empty_tiles_are_skipped(self, segmenter: Segmenter, tmp_path: Path) -> None:
         """Tiles in the nodata columns are never encoded and stay nodata in the class map."""
@@ -446,8 +448,10 @@ class TestDamage:
         source = scenes.rgb(tmp_path / "a.tif", scenes.random_rgb(64, 64, seed=4))
         self._run(segmenter, source, tmp_path / "fresh.tif", tmp_path / "work")
         [folder] = (tmp_path / "work").iterdir()
-        for name in ("logits.f32", "z.f32"):  # random bytes over the first tiles' priors and solver output
-            with open(folder / name, "r+b") as handle:
+        [queries] = (folder / "queries").iterdir()
+        for path in (queries / "logits.f32", queries / "z.f32", folder / "features.f16", folder / "clip.f32"):
+            # random bytes over the first tiles' priors, solver output, features and CLIP tokens
+            with open(path, "r+b") as handle:
                 handle.write(np.random.default_rng(0).bytes(256))
         with caplog.at_level("WARNING"):
             report = self._run(segmenter, source, tmp_path / "again.tif", tmp_path / "work")
@@ -455,14 +459,17 @@ class TestDamage:
         with rasterio.open(tmp_path / "fresh.tif") as a, rasterio.open(tmp_path / "again.tif") as b:
             np.testing.assert_array_equal(a.read(), b.read())
 
-    def test_corrupt_state_file_is_one_line_naming_no_resume(self, segmenter: Segmenter, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("name", ["embeddings.json", "queries/*/state.json"])
+    def test_corrupt_state_file_is_one_line_naming_no_resume(self, segmenter: Segmenter, tmp_path: Path,
+                                                             name: str) -> None:
         from coninfer.store import StoreCorruptError
 
         source = scenes.rgb(tmp_path / "a.tif", scenes.random_rgb(64, 64, seed=4))
         self._run(segmenter, source, tmp_path / "out.tif", tmp_path / "work")
         [folder] = (tmp_path / "work").iterdir()
-        (folder / "state.json").write_text("{not json")
-        with pytest.raises(StoreCorruptError, match="state.json") as error:
+        [state] = folder.glob(name)
+        state.write_text("{not json")
+        with pytest.raises(StoreCorruptError, match=state.name) as error:
             self._run(segmenter, source, tmp_path / "out2.tif", tmp_path / "work")
         assert "--no-resume" in str(error.value) and "\n" not in str(error.value)
         assert not (tmp_path / "out2.tif").exists()

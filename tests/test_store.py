@@ -328,12 +328,12 @@ class TestLockedFolder:
 
     def test_a_file_system_without_locks_runs_unlocked(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-        import coninfer.store as store_module
+        import coninfer._fs as fs_module
 
         def unsupported(*args):
             raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-        monkeypatch.setattr(store_module.fcntl, "flock", unsupported)
+        monkeypatch.setattr(fs_module.fcntl, "flock", unsupported)
         with locked_folder(tmp_path / "key"):
             pass
         assert "cannot lock the work folder" in caplog.text

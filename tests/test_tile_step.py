@@ -110,6 +110,10 @@ class TestResolveDevice:
 
 
 class TestResolveDtype:
+    @pytest.fixture(autouse=True)
+    def _cpu_without_bf16(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("CONINFER_CPU_BF16", "0")  # the CPU rows below; bf16 CPUs: tests/test_precision.py
+
     @pytest.mark.parametrize(("precision", "device", "dtype"), [
         ("auto", "cpu", torch.float32), ("fp32", "cpu", torch.float32), ("auto", "cuda", torch.float16),
         ("fp16", "cuda", torch.float16), ("bf16", "cuda", torch.bfloat16), ("fp32", "cuda", torch.float32),
@@ -229,6 +233,11 @@ class TestInferTiles:
             assert result.labels.dtype == np.uint8 and result.probs.dtype == np.float32
             assert result.probs.shape == (3, *result.labels.shape)
             np.testing.assert_array_equal(result.labels, result.probs.argmax(axis=0))
+        labels_only = infer_tiles(models, images, InferenceSettings().with_values(model_res=32, init_topk=4),
+                                  probabilities=False)  # the evaluation path: the same labels, no probabilities
+        assert all(only.probs is None for only in labels_only)
+        for only, result in zip(labels_only, results, strict=True):
+            np.testing.assert_array_equal(only.labels, result.labels)
 
     def test_output_sizes(self, models: Models, tiles: np.ndarray) -> None:
         results = infer_tiles(models, tiles, InferenceSettings().with_values(model_res=32), output_sizes=[(10, 12)] * 3)

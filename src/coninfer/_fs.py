@@ -9,14 +9,23 @@ on any exception including KeyboardInterrupt, and :func:`remove_stale_temporarie
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from coninfer.errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two runs on one folder are then the user's to avoid
+    fcntl = None
+
+logger = logging.getLogger(__name__)
 
 CACHE_ENV = "CONINFER_CACHE"
 TEMP_MARK = ".coninfer-tmp"
@@ -146,8 +155,6 @@ def hold_outputs(paths: Iterable[str | Path]) -> Iterator[None]:
     Raises:
         OutputError: another live run holds one of the paths.
     """
-    import fcntl
-
     held: list[tuple[int, Path]] = []
     try:
         for path in sorted({Path(p).absolute() for p in paths}):  # one order: two runs cannot deadlock
@@ -172,3 +179,52 @@ def hold_outputs(paths: Iterable[str | Path]) -> Iterator[None]:
         for handle, lock in reversed(held):
             lock.unlink(missing_ok=True)  # while still locked, so no other run holds a deleted file's lock
             os.close(handle)
+
+
+@contextmanager
+def locked_folder(folder: Path) -> Iterator[Path]:
+    """Create ``folder`` and hold an exclusive lock on it for the block, so that two runs (processes or threads)
+    never write one store. The lock goes with the process, so a killed run leaves none behind. The writers of
+    one run do not lock: the process that starts them holds the lock for them.
+
+    Raises:
+        OutputError: another run holds the lock, or the folder cannot be created.
+    """
+    for _attempt in range(3):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = os.open(folder, os.O_RDONLY)
+        except OSError as error:
+            raise OutputError(f"cannot create the work folder {folder}: {error.strerror or error}",
+                              hint="pass --workdir with a writable folder") from error
+        try:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise OutputError(f"another run is using the work folder {folder} (same input and settings)",
+                              hint="wait for it to finish, or pass another --workdir") from None
+        except OSError as error:  # a file system without locks: run unlocked rather than not at all
+            logger.warning("cannot lock the work folder %s (%s): two identical runs would share it", folder,
+                           error.strerror or error)
+        try:
+            if os.stat(folder).st_ino == os.fstat(handle).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(handle)  # the run that held the lock removed the folder meanwhile: lock the new one
+    else:
+        raise OutputError(f"the work folder {folder} keeps disappearing", hint="pass another --workdir")
+    try:
+        yield folder
+    finally:
+        os.close(handle)
+
+
+def clear_folder(folder: Path) -> None:
+    """Delete what ``folder`` holds, keeping the folder itself (and a lock held on it)."""
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

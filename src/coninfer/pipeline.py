@@ -1,19 +1,21 @@
-"""Scene passes: tiles -> store of priors and features -> context solver -> stitched blocks.
+"""Scene passes: tiles -> embeddings -> priors -> context solver -> stitched blocks.
 
-Three public passes, each bounded in memory by a tile batch or a band of tile rows, never the scene, and
+Four public passes, each bounded in memory by a tile batch or a band of tile rows, never the scene, and
 composable (the :class:`~coninfer.segmenter.Segmenter` runs them in order; a multi-process run gives each its
 share of tiles and the solver's ``reduce``/``gather`` hooks):
 
-1. :func:`encode_scene` encodes the tiles the store still lacks, in fixed groups of ``batch_size`` tiles
-   (row-major): CLIP logits (T, G*G, K) float32, features (T, G*G, D) float16, patch validity. After each
-   group the store commits, so a run killed at any point resumes at the first unfinished group and computes
-   exactly the same numbers.
-2. :func:`solve_store` solves the chosen context: ``scene`` streams the store through the solver's
+1. :func:`encode_scene` embeds the tiles the embedding store still lacks, in fixed groups of ``batch_size``
+   tiles (row-major): dense CLIP tokens (T, G*G, E) float32, solver features (T, G*G, D) float16, patch
+   validity. Nothing here depends on the classes. After each group the store records it, so a run killed at
+   any point resumes at the first unfinished group and computes exactly the same numbers.
+2. :func:`prior_scene` turns stored CLIP tokens into the class-dependent prior (T, G*G, K) of one query set:
+   a matrix product, no encoder. A re-query with other classes reuses the embeddings and starts here.
+3. :func:`solve_store` solves the chosen context: ``scene`` streams the store through the solver's
    sufficient-statistics API (one mixture over all tiles); ``batch`` fits groups of ``context_size`` tiles (the
    paper's setting); ``none`` (or the baseline method) keeps the prior. Patches less than half valid
    (:func:`patch_validity`) take no part in fitting; a context with fewer valid patches than ``init_topk`` (a
    sliver of data at the scene edge) keeps the prior.
-3. :func:`stitch_scene` yields final blocks row band by row band, blending overlaps
+4. :func:`stitch_scene` yields final blocks row band by row band, blending overlaps
    (:class:`~coninfer.raster.tiles.BandStitcher`).
 
 Tiles are read through a :class:`TileReader`: a raster file (:func:`file_reader`) or an array in memory
@@ -32,12 +34,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from coninfer import distributed
+from coninfer.distributed import Dist
 from coninfer.errors import InputError, InputFileError, ResourceError
 from coninfer.postprocess import class_probabilities, patches_to_grid
-from coninfer.raster.tiles import BandStitcher, StitchedBlock, TileGrid
+from coninfer.raster.tiles import BandStitcher, StitchedBlock, TileGrid, read_ahead
 from coninfer.settings import InferenceSettings, SceneOptions
 from coninfer.solver import Gather, Reduce, assign, fit_context, prior_probabilities
-from coninfer.tile_step import Models, encode_tiles
+from coninfer.tile_file import StoreCorruptError
+from coninfer.tile_step import Models, embed_tiles, query_logits, segearth_ov_logits
 
 logger = logging.getLogger(__name__)
 
@@ -126,35 +131,26 @@ def scene_grid(width: int, height: int, options: SceneOptions) -> TileGrid:
     return TileGrid(width, height, tile_size, overlap)
 
 
-def encode_scene(models: Models, settings: InferenceSettings, read_tile: TileReader, grid: TileGrid, store, *,
+def encode_scene(models: Models, settings: InferenceSettings, read_tile: TileReader, grid: TileGrid, embeddings, *,
                  batch_size: int, tiles: Sequence[int] | None = None, progress: bool = False) -> None:
-    """Pass 1: encode ``tiles`` (default: every tile) that the store does not hold yet, in groups of
-    ``batch_size`` tiles, recording each group after its data; tiles without a valid pixel are recorded as
-    empty, not encoded."""
+    """Pass 1: the class-independent embeddings (CLIP tokens, solver features, patch validity) of ``tiles``
+    (default: every tile) that the embedding store does not hold yet, in groups of ``batch_size`` tiles, each
+    group recorded after its data; tiles without a valid pixel are recorded as empty, not encoded."""
     from tqdm import tqdm
 
-    missing = set(store.missing_tiles())
+    missing = set(embeddings.missing_tiles())
     todo = [index for index in (range(len(grid)) if tiles is None else tiles) if index in missing]
     side = models.grid_size(settings.model_res)
     stop_after = int(os.environ.get(STOP_AFTER_BATCHES_ENV, "0") or 0)
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), unit="tile", disable=not progress, desc="encode",
                dynamic_ncols=True)
     encoder_batch = batch_size
-    for batch_number, first in enumerate(range(0, len(todo), batch_size), start=1):
-        indices = todo[first : first + batch_size]
-        pixels, kept, empty, masks = [], [], [], []
-        for index in indices:
-            rgb, valid = read_tile(grid.window(index))
-            if not valid.any():
-                empty.append(index)
-                continue
-            pixels.append(torch.from_numpy(rgb))
-            kept.append(index)
-            masks.append(valid)
+    for batch_number, (indices, kept, empty, pixels, masks) in enumerate(_read_batches(read_tile, grid, todo,
+                                                                                        batch_size), start=1):
         if pixels:
-            logits, features, encoder_batch = encode_adaptive(models, settings, pixels, encoder_batch)
-            store.put(kept, logits, features, np.stack([patch_validity(mask, side) for mask in masks]))
-        store.record(encoded=kept, empty=empty)
+            clip, features, encoder_batch = encode_adaptive(models, settings, pixels, encoder_batch)
+            embeddings.put(kept, features, np.stack([patch_validity(mask, side) for mask in masks]), clip=clip)
+        embeddings.record(encoded=kept, empty=empty)
         bar.update(len(indices))
         if stop_after and batch_number >= stop_after:
             # the test hook: a kill at a known point
@@ -162,17 +158,39 @@ def encode_scene(models: Models, settings: InferenceSettings, read_tile: TileRea
     bar.close()
 
 
+def _read_batches(read_tile: TileReader, grid: TileGrid, todo: list[int], batch_size: int) -> Iterator[tuple]:
+    """``(indices, kept, empty, pixels, masks)`` per group of ``batch_size`` tiles of ``todo``: the tiles with
+    valid pixels (kept, their (3, T, T) uint8 tensors and masks) and those without. The next group is read and
+    decoded in a worker thread while the caller encodes this one (GDAL releases the GIL)."""
+    reads = read_ahead(read_tile, (grid.window(index) for index in todo), depth=batch_size)
+    try:
+        for first in range(0, len(todo), batch_size):
+            indices = todo[first : first + batch_size]
+            kept, empty, pixels, masks = [], [], [], []
+            for index in indices:
+                rgb, valid = next(reads)
+                if valid.any():
+                    kept.append(index)
+                    pixels.append(torch.from_numpy(rgb))
+                    masks.append(valid)
+                else:
+                    empty.append(index)
+            yield indices, kept, empty, pixels, masks
+    finally:
+        reads.close()
+
+
 def encode_adaptive(models: Models, settings: InferenceSettings, tiles: list[torch.Tensor], batch_size: int
                     ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Encode in sub-batches of ``batch_size``, halving it on CUDA out-of-memory; returns logits (B, P, K)
+    """Embed in sub-batches of ``batch_size``, halving it on CUDA out-of-memory; returns CLIP tokens (B, P, E)
     float32, features (B, P, D) float32 and the batch size that worked (kept for later groups)."""
     while True:
         try:
-            parts = [encode_tiles(models, tiles[i : i + batch_size], settings)
+            parts = [embed_tiles(models, tiles[i : i + batch_size], settings)
                      for i in range(0, len(tiles), batch_size)]
-            logits = torch.cat([p[0] for p in parts]).cpu().numpy()
+            clip = torch.cat([p[0] for p in parts]).float().cpu().numpy()
             features = torch.cat([p[1] for p in parts]).float().cpu().numpy()
-            return logits, features, batch_size
+            return clip, features, batch_size
         except torch.cuda.OutOfMemoryError as error:
             if batch_size == 1:
                 raise ResourceError("the GPU ran out of memory even for one tile",
@@ -180,6 +198,32 @@ def encode_adaptive(models: Models, settings: InferenceSettings, tiles: list[tor
             batch_size = max(1, batch_size // 2)
             torch.cuda.empty_cache()
             logger.warning("CUDA out of memory: continuing with --batch-size %d", batch_size)
+
+
+def prior_scene(models: Models, settings: InferenceSettings, read_tile: TileReader, grid: TileGrid, store, *,
+                batch_size: int, tiles: Sequence[int] | None = None, progress: bool = False) -> None:
+    """Pass 2: the class-dependent prior (T, P, K) of every embedded tile the store lacks, in groups of
+    ``batch_size`` tiles. The CLIP prior is computed from the stored CLIP tokens (no encoder runs: this is what
+    makes a re-query with other classes fast); SegEarth-OV's needs the pixels and runs CLIP and SimFeatUp."""
+    from tqdm import tqdm
+
+    embedded_empty = set(store.embeddings.empty_tiles())
+    missing = store.missing_tiles() if tiles is None else sorted(set(tiles) & set(store.missing_tiles()))
+    store.record(empty=[tile for tile in missing if tile in embedded_empty])
+    todo = [tile for tile in missing if tile not in embedded_empty]
+    bar = tqdm(total=len(todo), unit="tile", disable=not progress or not todo, desc="prior", dynamic_ncols=True)
+    for group in _groups(todo, batch_size):
+        if settings.prior == "segearth-ov":
+            pixels = [torch.from_numpy(read_tile(grid.window(index))[0]) for index in group]
+            logits = segearth_ov_logits(models, pixels, settings)
+        else:
+            if store.clip is None:
+                raise StoreCorruptError(store.embeddings.folder, "clip.f32 is missing")
+            logits = query_logits(torch.from_numpy(store.clip[group]).to(models.device), models.query_embeddings)
+        store.put_prior(group, logits.cpu().numpy())
+        store.record(encoded=group)
+        bar.update(len(group))
+    bar.close()
 
 
 def contexts_of(store, settings: InferenceSettings, options: SceneOptions) -> list[list[int]]:
@@ -194,28 +238,43 @@ def contexts_of(store, settings: InferenceSettings, options: SceneOptions) -> li
 
 
 def solve_store(store, settings: InferenceSettings, options: SceneOptions, *, device: torch.device,
-                reduce: Reduce | None = None, gather: Gather | None = None) -> None:
-    """Pass 2: z for every non-empty tile of the store, context by context (see the module docstring); each
-    solved context is recorded, so a resumed run solves only the contexts still missing."""
+                reduce: Reduce | None = None, gather: Gather | None = None, dist: Dist | None = None) -> None:
+    """Pass 3: z for every non-empty tile of the store, context by context (see the module docstring); each
+    solved context is recorded, so a resumed run solves only the contexts still missing.
+
+    ``dist`` (a multi-process run, :mod:`coninfer.distributed`; every rank calls this): the ``scene`` context
+    is fitted by all ranks together, each over its share of whole chunks (the hooks all-reduce the sums in rank
+    order); ``batch`` and ``none`` contexts are shared out whole, one rank each. Either way the numbers do not
+    depend on the world size."""
+    grouped = dist is not None and dist.world_size > 1
+    prior_only = options.context == "none" or settings.method == "baseline"
+    together = grouped and options.context == "scene" and not prior_only
     solved = store.solved_contexts()
     chunk_tiles = options.solver_chunk_tiles
-    prior_only = options.context == "none" or settings.method == "baseline"
     init_topk = settings.solver.init_topk
-    for number, context in enumerate(contexts_of(store, settings, options)):
+    contexts = list(enumerate(contexts_of(store, settings, options)))
+    if grouped and not together:
+        contexts = distributed.split(dist, contexts)
+    for number, context in contexts:
         if solved.get(number) == context:
             continue
         valid_patches = 0 if prior_only else sum(int(np.asarray(store.valid[group]).sum())
                                                  for group in _groups(context, chunk_tiles))
-        if prior_only:
-            keep_prior(store, context, settings, chunk_tiles)
-        elif valid_patches < init_topk:
-            # the mixture needs init_topk patches to start from; a sliver of data keeps its prior instead
-            logger.warning("%d tile(s) (%s) hold %d valid patches, fewer than init_topk=%d: they keep the "
-                           "CLIP prior", len(context), _tile_range(context), valid_patches, init_topk)
-            keep_prior(store, context, settings, chunk_tiles)
+        if prior_only or valid_patches < init_topk:
+            if not prior_only:  # the mixture needs init_topk patches to start from; a sliver keeps its prior
+                logger.warning("%d tile(s) (%s) hold %d valid patches, fewer than init_topk=%d: they keep the "
+                               "CLIP prior", len(context), _tile_range(context), valid_patches, init_topk)
+            if not together or dist.is_main:
+                keep_prior(store, context, settings, chunk_tiles)
         else:
-            solve_context(store, context, settings, chunk_tiles, device=device, reduce=reduce, gather=gather)
-        store.record(solved={number: context})
+            solve_context(store, context, settings, chunk_tiles, device=device, reduce=reduce, gather=gather,
+                          dist=dist if together else None)
+        if together:
+            distributed.barrier(dist)  # every rank's share of z is written before the context counts as solved
+        if not together or dist.is_main:
+            store.record(solved={number: context})
+    if grouped:
+        distributed.barrier(dist)  # what comes next reads every rank's z and records
 
 
 def keep_prior(store, tiles: Sequence[int], settings: InferenceSettings, chunk_tiles: int) -> None:
@@ -226,22 +285,36 @@ def keep_prior(store, tiles: Sequence[int], settings: InferenceSettings, chunk_t
 
 
 def solve_context(store, tiles: Sequence[int], settings: InferenceSettings, chunk_tiles: int, *,
-                  device: torch.device, reduce: Reduce | None = None, gather: Gather | None = None) -> None:
+                  device: torch.device, reduce: Reduce | None = None, gather: Gather | None = None,
+                  dist: Dist | None = None) -> None:
     """One mixture over ``tiles`` (at least init_topk valid patches), streamed from the store in chunks of
-    ``chunk_tiles``; z written back to the store. Only valid patches enter the fit; every patch gets z."""
+    ``chunk_tiles``; z written back to the store. Only valid patches enter the fit; every patch gets z.
+
+    With ``dist`` every rank fits over its contiguous share of whole chunks: the float32 block sums are then the
+    single-process ones, and only the float64 sum across ranks is reassociated (in rank order)."""
     hooks = {name: hook for name, hook in (("reduce", reduce), ("gather", gather)) if hook is not None}
     num_queries = store.num_queries
+    groups = list(_groups(tiles, chunk_tiles))
+    grouped = dist is not None and dist.world_size > 1
+    if grouped:
+        groups = distributed.split(dist, groups)
 
     def fit_chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for group in _groups(tiles, chunk_tiles):
+        for group in groups:
             valid = np.asarray(store.valid[group]).astype(bool).reshape(-1)  # (n*P,)
             logits = np.asarray(store.logits[group]).reshape(-1, num_queries)[valid]
             features = np.asarray(store.features[group]).reshape(valid.shape[0], -1)[valid]
             if len(logits):
                 yield torch.from_numpy(logits).to(device), torch.from_numpy(features).to(device)
 
-    fit = fit_context(fit_chunks, settings.solver, joint=settings.method != "decoupled", **hooks)
-    for group in _groups(tiles, chunk_tiles):
+    joint = settings.method != "decoupled"
+    if grouped:
+        fit = distributed.fit_share(dist, fit_chunks, settings.solver, joint=joint, device=device,
+                                    num_patches=sum(int(np.asarray(store.valid[group]).sum()) for group in groups),
+                                    num_queries=num_queries, num_features=int(store.features.shape[-1]))
+    else:
+        fit = fit_context(fit_chunks, settings.solver, joint=joint, **hooks)
+    for group in groups:
         logits = torch.from_numpy(np.asarray(store.logits[group]).reshape(-1, num_queries)).to(device)
         features = torch.from_numpy(np.asarray(store.features[group]).reshape(logits.shape[0], -1)).to(device)
         z = assign(logits, features, fit.state, settings.solver)
@@ -250,24 +323,30 @@ def solve_context(store, tiles: Sequence[int], settings: InferenceSettings, chun
 
 def stitch_scene(models: Models, settings: InferenceSettings, read_tile: TileReader, grid: TileGrid, store, *,
                  progress: bool = False) -> Iterator[StitchedBlock]:
-    """Pass 3: final blocks (window, labels, probs, valid) band by band, in row order."""
+    """Pass 3: final blocks (window, labels, probs, valid) band by band, in row order. Each tile's validity is
+    read again (one tile ahead, in a worker thread, while this one's probabilities are computed)."""
     from tqdm import tqdm
+
 
     side = models.grid_size(settings.model_res)
     empty = set(store.empty_tiles())
     stitcher = BandStitcher(grid, len(models.classes.names))
     post = settings.post
     bar = tqdm(total=len(grid), unit="tile", disable=not progress, desc="stitch", dynamic_ncols=True)
-    for index in range(len(grid)):
-        probs = valid = None
-        if index not in empty:
-            z = torch.from_numpy(store.z[index]).to(models.device)  # (P, K)
-            probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
-                                        models.classes.query_to_class, post.logit_scale)[0].cpu().numpy()
-            _, valid = read_tile(grid.window(index))
-        yield from stitcher.add(index, probs, valid, prob_thd=post.prob_thd, bg_index=post.bg_index)
-        bar.update(1)
-    bar.close()
+    reads = read_ahead(read_tile, (grid.window(index) for index in range(len(grid)) if index not in empty))
+    try:
+        for index in range(len(grid)):
+            probs = valid = None
+            if index not in empty:
+                z = torch.from_numpy(store.z[index]).to(models.device)  # (P, K)
+                probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
+                                            models.classes.query_to_class, post.logit_scale)[0].cpu().numpy()
+                _, valid = next(reads)
+            yield from stitcher.add(index, probs, valid, prob_thd=post.prob_thd, bg_index=post.bg_index)
+            bar.update(1)
+    finally:
+        reads.close()
+        bar.close()
 
 
 def patch_validity(valid: np.ndarray, side: int) -> np.ndarray:
@@ -281,25 +360,15 @@ def patch_validity(valid: np.ndarray, side: int) -> np.ndarray:
     return (good * 2 >= total).astype(np.uint8)
 
 
-class MemoryStore:
-    """The tile store's interface over arrays in memory (the in-memory path: no files, nothing to resume)."""
+class _MemoryRecords:
+    """Progress records in memory (the in-memory path: no files, nothing to resume)."""
 
-    def __init__(self, num_tiles: int, num_patches: int, num_queries: int) -> None:
+    def __init__(self, num_tiles: int, num_patches: int) -> None:
         self.shape = (num_tiles, num_patches)
-        self.num_queries = num_queries
-        self.logits = np.zeros((num_tiles, num_patches, num_queries), np.float32)
-        self.z = np.zeros_like(self.logits)
-        self.valid = np.zeros((num_tiles, num_patches), np.uint8)
-        self.features: np.ndarray | None = None
         self.resumed_from = 0
         self._done: set[int] = set()
         self._empty: set[int] = set()
         self._solved: dict[int, list[int]] = {}
-
-    def put(self, indices: Sequence[int], logits: np.ndarray, features: np.ndarray, valid: np.ndarray) -> None:
-        if self.features is None:  # float16 like the disk store's, so both paths give the same numbers
-            self.features = np.zeros((*self.shape, features.shape[-1]), np.float16)
-        self.logits[indices], self.features[indices], self.valid[indices] = logits, features, valid
 
     def record(self, *, encoded: Sequence[int] = (), empty: Sequence[int] = (),
                solved: dict[int, list[int]] | None = None) -> None:
@@ -317,7 +386,59 @@ class MemoryStore:
         return dict(self._solved)
 
     def close(self) -> None:
-        """Nothing to release: the arrays go with the store (the file store's interface has close())."""
+        """Nothing to release: the arrays go with the store (the file stores' interface has close())."""
+
+
+class MemoryEmbeddings(_MemoryRecords):
+    """:class:`~coninfer.store.EmbeddingStore`'s interface over arrays in memory."""
+
+    def __init__(self, num_tiles: int, num_patches: int) -> None:
+        super().__init__(num_tiles, num_patches)
+        self.valid = np.zeros((num_tiles, num_patches), np.uint8)
+        self.clip: np.ndarray | None = None
+        self.features: np.ndarray | None = None
+
+    def put(self, indices: Sequence[int], features: np.ndarray, valid: np.ndarray, clip: np.ndarray | None = None
+            ) -> None:
+        if self.features is None:  # float16 like the disk store's, so both paths give the same numbers
+            self.features = np.zeros((*self.shape, features.shape[-1]), np.float16)
+        if clip is not None:
+            if self.clip is None:
+                self.clip = np.zeros((*self.shape, clip.shape[-1]), np.float32)
+            self.clip[indices] = clip
+        self.features[indices], self.valid[indices] = features, valid
+
+
+class MemoryStore(_MemoryRecords):
+    """:class:`~coninfer.store.TileStore`'s interface over arrays in memory, reading ``embeddings``."""
+
+    def __init__(self, num_tiles: int, num_patches: int, num_queries: int,
+                 embeddings: MemoryEmbeddings | None = None) -> None:
+        super().__init__(num_tiles, num_patches)
+        self.num_queries = num_queries
+        self.embeddings = embeddings if embeddings is not None else MemoryEmbeddings(num_tiles, num_patches)
+        self.logits = np.zeros((num_tiles, num_patches, num_queries), np.float32)
+        self.z = np.zeros_like(self.logits)
+
+    @property
+    def features(self) -> np.ndarray | None:
+        return self.embeddings.features
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.embeddings.valid
+
+    @property
+    def clip(self) -> np.ndarray | None:
+        return self.embeddings.clip
+
+    def put_prior(self, indices: Sequence[int], logits: np.ndarray) -> None:
+        self.logits[indices] = logits
+
+    def put(self, indices: Sequence[int], logits: np.ndarray, features: np.ndarray, valid: np.ndarray) -> None:
+        self.embeddings.put(indices, features, valid)
+        self.embeddings.record(encoded=indices)
+        self.put_prior(indices, logits)
 
 
 def _tile_range(tiles: Sequence[int]) -> str:

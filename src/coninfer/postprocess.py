@@ -95,9 +95,12 @@ def class_probabilities(
     output = torch.empty(batched.shape[0], len(members), height, width, dtype=torch.float32, device=z_grid.device)
     for image, grid in enumerate(batched.to(torch.float32)):
         upsampled = F.interpolate(grid.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False)
-        query_probs = torch.softmax(upsampled[0] * logit_scale, dim=0)  # (K, H, W)
+        query_probs = torch.softmax(upsampled[0].mul_(logit_scale), dim=0)  # (K, H, W)
         for cls, queries in enumerate(members):
-            output[image, cls] = query_probs[queries].amax(dim=0)
+            # one query: a copy; several: a running maximum (the same values as amax, without gathering them)
+            output[image, cls] = query_probs[queries[0]]
+            for query in queries[1:]:
+                torch.maximum(output[image, cls], query_probs[query], out=output[image, cls])
     return output if z_grid.ndim == 4 else output[0]
 
 
@@ -114,9 +117,33 @@ def labels_from_probabilities(probabilities: torch.Tensor, prob_thd: float = 0.0
 def labels_from_probabilities_np(probabilities: np.ndarray, prob_thd: float = 0.0, bg_index: int = 0) -> np.ndarray:
     """:func:`labels_from_probabilities` for numpy (C, H, W) -> (H, W) uint8: the same rule (the stitched
     scene path, whose probabilities are blended on the host)."""
-    labels = probabilities.argmax(axis=0).astype(np.uint8)  # first maximal index, like torch.argmax
-    labels[below_threshold(probabilities.max(axis=0), prob_thd)] = bg_index
+    labels, best = _argmax_max_np(probabilities)
+    labels[below_threshold(best, prob_thd)] = bg_index
     return labels
+
+
+def _argmax_max_np(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax over axis 0 as uint8, max over axis 0), the argmax numpy's (first maximal index, NaN wins).
+
+    numpy's argmax over the leading axis of a (C, H, W) array walks memory with a stride of H*W and is ~10x
+    slower than C element-wise passes, which this takes: a strictly greater class replaces the label, so ties
+    keep the first index. NaN (never greater, but propagated by np.maximum) falls back to numpy's rule."""
+    if len(probabilities) > 256:  # more classes than uint8 holds: numpy's wrapping cast, as before
+        return probabilities.argmax(axis=0).astype(np.uint8), probabilities.max(axis=0)
+    best = probabilities[0].copy()
+    labels = np.zeros(best.shape, np.uint8)
+    better = np.empty(best.shape, bool)
+    step = np.empty(best.shape, np.uint8)
+    for cls in range(1, len(probabilities)):
+        np.greater(probabilities[cls], best, out=better)
+        # labels < cls here, so cls - labels never wraps; adding it where better sets those labels to cls
+        np.subtract(np.uint8(cls), labels, out=step)
+        np.multiply(step, better, out=step)
+        labels += step
+        np.maximum(best, probabilities[cls], out=best)
+    if np.isnan(best).any():
+        return probabilities.argmax(axis=0).astype(np.uint8), best
+    return labels, best
 
 
 def below_threshold(best, prob_thd: float):

@@ -242,7 +242,11 @@ def segment_image(clip: DenseCLIP, upsampler: SimFeatUp, image: np.ndarray | tor
                   query_to_class: Sequence[int] | torch.Tensor, settings: SegEarthOVSettings) -> PostprocessResult:
     """The whole protocol on one RGB image (H, W, 3) uint8: resize per ``settings``, normalise with
     ``clip.normalization``, :func:`predict`, labels (H, W) and probabilities (C, H, W) at the original size."""
-    rgb = torch.as_tensor(np.asarray(image))
+    if isinstance(image, torch.Tensor):
+        rgb = image
+    else:  # a decoded image may be read-only; torch tensors are always writable
+        array = np.asarray(image)
+        rgb = torch.from_numpy(array if array.flags.writeable else array.copy())
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != torch.uint8:
         raise InputError(f"image: expected (H, W, 3) uint8, got {tuple(rgb.shape)} {rgb.dtype}",
                          hint="pass an 8-bit RGB array")

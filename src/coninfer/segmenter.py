@@ -14,20 +14,23 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from coninfer import _fs
+from coninfer import _fs, distributed
 from coninfer.errors import InputError, OutputError
 from coninfer.outputs import check_outputs, write_outputs
 from coninfer.pipeline import (
     ArrayScene,
+    MemoryEmbeddings,
     MemoryStore,
     array_reader,
     encode_scene,
     file_reader,
+    prior_scene,
     scene_grid,
     solve_store,
     stitch_scene,
@@ -37,8 +40,9 @@ from coninfer.raster import read, report_html, style, write
 from coninfer.raster.source import gdal_env, is_virtual
 from coninfer.raster.tiles import NODATA_LABEL
 from coninfer.settings import DenseCLIPSettings, InferenceSettings, SceneOptions
-from coninfer.store import STORE_VERSION, TileStore, clear_folder, locked_folder
+from coninfer.store import STORE_VERSION, EmbeddingStore, TileStore, clear_folder, locked_folder
 from coninfer.tile_step import Models, load_models
+from coninfer.work_cache import write_about
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +109,14 @@ class Segmenter:
         pixels with data (default: all). Returns labels (H, W) uint8 (255 where invalid) and probs (C, H, W)."""
         scene = ArrayScene(_as_numpy(rgb, "rgb"), None if valid is None else _as_numpy(valid, "valid").astype(bool))
         grid = scene_grid(scene.width, scene.height, options)
-        store = MemoryStore(len(grid), self.models.grid_size(self.settings.model_res) ** 2,
-                            len(self.models.classes.queries))
+        patches = self.models.grid_size(self.settings.model_res) ** 2
+        embeddings = MemoryEmbeddings(len(grid), patches)
+        store = MemoryStore(len(grid), patches, len(self.models.classes.queries), embeddings)
         labels = np.full((scene.height, scene.width), NODATA_LABEL, np.uint8)
         probs = np.zeros((len(self.class_names), scene.height, scene.width), np.float32)
         with array_reader(scene) as read_tile:
-            encode_scene(self.models, self.settings, read_tile, grid, store, batch_size=options.batch_size)
+            encode_scene(self.models, self.settings, read_tile, grid, embeddings, batch_size=options.batch_size)
+            prior_scene(self.models, self.settings, read_tile, grid, store, batch_size=options.batch_size)
             solve_store(store, self.settings, options, device=self.models.device)
             for block in stitch_scene(self.models, self.settings, read_tile, grid, store):
                 rows, cols = block.window.toslices()
@@ -119,8 +125,10 @@ class Segmenter:
         return labels, probs
 
     def segment_file(self, path: str | Path | read.Scene, out: str | Path, options: SceneOptions = SceneOptions(),
-                     *, bands: Sequence[int] | None = None, nodata: float | None = None, workdir: str | Path | None = None, resume: bool = True,
-                     keep_workdir: bool = False, overwrite: bool = False, progress: bool = True,
+                     *, bands: Sequence[int] | None = None, nodata: float | None = None,
+                     workdir: str | Path | None = None, resume: bool = True, keep_workdir: bool = False,
+                     keep_embeddings: bool = False, overwrite: bool = False, progress: bool = True,
+                     dist: distributed.Dist | None = None,
                      colors: str | Mapping[str, tuple[int, int, int]] | None = None,
                      **outputs: str | Path | None) -> dict:
         """Segment a raster file (or a scene opened with :func:`~coninfer.raster.read.open_scene`, then without
@@ -128,6 +136,11 @@ class Segmenter:
         (``probabilities=``, ``confidence=``, ``vector=``, ``preview=``, ``report=``, ``html=``); returns the
         report dict. ``colors`` overrides the palette chosen from the class names (``"building=#d7191c"`` or a
         mapping class name -> RGB); the same colours go to the class map, preview, vectors and reports.
+
+        ``keep_embeddings`` keeps what does not depend on the classes (CLIP tokens, VFM features, validity:
+        about 16 MB per megapixel at the default tile and model sizes) in the work directory, so that a later
+        call on the same scene and models with other classes, synonyms, solver settings or threshold runs no
+        encoder (a re-query); ``keep_workdir`` keeps the class-dependent store as well.
 
         ``report`` defaults to ``out`` with the suffix ``.json``. Every output is checked before any work; all
         are written to temporary files and moved into place together at the end, so a failed or killed run
@@ -142,34 +155,58 @@ class Segmenter:
         source = path.path if isinstance(path, read.Scene) else path
         targets = check_outputs(source, {"class_map": out, **outputs}, overwrite=overwrite)
         palette = self.colors(colors)
-        # held from this check to the final move: a concurrent run on the same outputs stops at once
-        with _fs.hold_outputs(targets.values()), gdal_env(source):
+        dist = dist or distributed.current()
+        # rank 0 holds the outputs from this check to the final move (a concurrent run on them stops at once)
+        # and the embeddings folder for the whole run (its query folders live inside it); the other ranks of
+        # the run work under its locks
+        with (_fs.hold_outputs(targets.values()) if dist.is_main else nullcontext()), gdal_env(source):
             targets = check_outputs(source, targets, overwrite=overwrite)  # again, now that no one else writes
             scene = path if isinstance(path, read.Scene) else read.open_scene(path, bands=bands, nodata=nodata)
             if read.scene_is_empty(scene):
                 raise InputError(f"{source} is entirely nodata", hint="check the nodata value / mask of the input")
             folder = self._workdir(scene, options, workdir)
-            with locked_folder(folder):
-                summary = self._run(scene, options, folder, targets, resume=resume, progress=progress,
-                                    started=started, overwrite=overwrite, colors=palette)
-                if not keep_workdir:
-                    shutil.rmtree(folder, ignore_errors=True)
-        return summary
+            queries = self._query_folder(folder, options)
+            with locked_folder(folder) if dist.is_main else nullcontext():
+                if dist.grouped:
+                    distributed.check_shared_folder(dist, folder.parent)
+                summary = self._run(scene, options, folder, queries, targets, resume=resume,
+                                    progress=progress and dist.is_main, started=started, overwrite=overwrite,
+                                    colors=palette, dist=dist)
+                distributed.barrier(dist)
+                if not keep_workdir and dist.is_main:
+                    shutil.rmtree(folder if not keep_embeddings else queries, ignore_errors=True)
+        return distributed.broadcast_object(dist, summary)
 
-    def _run(self, scene, options: SceneOptions, folder: Path, targets: dict[str, Path], *, resume: bool,
-             progress: bool, started: float, overwrite: bool, colors: list) -> dict:
+    def _run(self, scene, options: SceneOptions, folder: Path, queries: Path, targets: dict[str, Path], *,
+             resume: bool, progress: bool, started: float, overwrite: bool, colors: list,
+             dist: distributed.Dist) -> dict | None:
+        """The passes; with several ranks each encodes and priors its share of the missing tiles (the lists
+        come from rank 0, so every rank splits the same list), all solve, and rank 0 stitches and writes."""
         grid = scene_grid(scene.width, scene.height, options)
         timings: dict[str, float] = {}
-        store = self._open_store(folder, len(grid), resume=resume)
+        store = self._open_store(folder, queries, len(grid), resume=resume, source=scene.path, dist=dist)
+
+        def share(missing: list[int]) -> list[int] | None:
+            return distributed.split(dist, distributed.broadcast_object(dist, missing)) if dist.grouped else None
+
         try:
             with file_reader(scene) as read_tile:
                 tick = time.perf_counter()
-                encode_scene(self.models, self.settings, read_tile, grid, store, batch_size=options.batch_size,
+                encode_scene(self.models, self.settings, read_tile, grid, store.embeddings,
+                             batch_size=options.batch_size, tiles=share(store.embeddings.missing_tiles()),
                              progress=progress)
+                distributed.barrier(dist)
                 timings["encode_s"] = time.perf_counter() - tick
                 tick = time.perf_counter()
-                solve_store(store, self.settings, options, device=self.models.device)
+                prior_scene(self.models, self.settings, read_tile, grid, store, batch_size=options.batch_size,
+                            tiles=share(store.missing_tiles()), progress=progress)
+                distributed.barrier(dist)
+                timings["prior_s"] = time.perf_counter() - tick
+                tick = time.perf_counter()
+                solve_store(store, self.settings, options, device=self.models.device, dist=dist)
                 timings["solve_s"] = time.perf_counter() - tick
+                if not dist.is_main:
+                    return None
                 blocks = stitch_scene(self.models, self.settings, read_tile, grid, store, progress=progress)
 
                 def summarize(counts: np.ndarray, areas: np.ndarray) -> dict:
@@ -181,29 +218,67 @@ class Segmenter:
         finally:
             store.close()
 
-    def _open_store(self, folder: Path, num_tiles: int, *, resume: bool) -> TileStore:
+    def _open_store(self, folder: Path, queries: Path, num_tiles: int, *, resume: bool, source,
+                    dist: distributed.Dist) -> TileStore:
+        """The query store in ``queries`` over the embedding store in ``folder``, both checked: damaged tile
+        records (one warning) are discarded, so they are encoded again; nothing damaged is read. Rank 0 clears
+        and repairs before the other ranks open their writers."""
         patches = self.models.grid_size(self.settings.model_res) ** 2
+        ranks = {"rank": dist.rank, "num_ranks": dist.world_size}
+        if not dist.is_main:
+            distributed.barrier(dist)
+            embeddings = EmbeddingStore(folder, num_tiles, patches, **ranks)
+            store = TileStore(queries, num_tiles, patches, len(self.models.classes.queries), embeddings=embeddings,
+                              **ranks)
+            store.resumed_from = distributed.broadcast_object(dist, None)
+            return store
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if not resume:
                 clear_folder(folder)
+            queries.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise OutputError(f"cannot create the work folder {folder}: {error.strerror or error}",
                               hint="pass --workdir with a writable folder") from error
-        store = TileStore(folder, num_tiles, patches, len(self.models.classes.queries))
-        store.repair()  # damaged tile records (one warning) are encoded again; nothing damaged is read
-        store.resumed_from = num_tiles - len(store.missing_tiles())  # tiles an earlier run already stored
+        embeddings = EmbeddingStore(folder, num_tiles, patches, **ranks)
+        write_about(folder, input_path=_input_identity(source)["input"], models=self.model_identity(), tiles=num_tiles)
+        store = TileStore(queries, num_tiles, patches, len(self.models.classes.queries), embeddings=embeddings,
+                          **ranks)
+        store.discard(embeddings.repair())
+        store.repair()
+        # tiles whose embeddings an earlier run stored (an interrupted run, or a re-query with other classes)
+        store.resumed_from = num_tiles - len(embeddings.missing_tiles())
+        distributed.barrier(dist)  # the other ranks open their writers now
+        distributed.broadcast_object(dist, store.resumed_from)
         return store
 
     def _workdir(self, scene, options: SceneOptions, workdir: str | Path | None) -> Path:
-        """``workdir`` (default: the coninfer cache's ``work``) / a hash of everything the store depends on."""
+        """The embeddings folder: ``workdir`` (default: the coninfer cache's ``work``) / a hash of everything
+        the class-independent embeddings depend on (input, bands, nodata, tiling, models, CLIP settings,
+        precision and device), not of the classes or solver settings."""
         root = Path(workdir) if workdir else _fs.cache_dir() / "work"
+        models = self.model_identity()
         key = json.dumps({
-            "input": _input_identity(scene.path), "bands": scene.bands, "options": asdict(options),
-            "settings": asdict(self.settings), "models": self.model_identity(),
-            "queries": list(self.models.classes.queries), "version": STORE_VERSION,
+            "input": _input_identity(scene.path), "bands": scene.bands, "nodata": _json_number(scene.nodata),
+            "tiling": [options.tile_size, options.overlap, options.batch_size], "model_res": self.settings.model_res,
+            "clip": asdict(self.settings.clip), "vlm": models["vlm"],
+            "vfm": models["vfm"] if self.settings.needs_vfm else None,
+            "dtype": str(self.models.dtype), "device": self.models.device.type, "version": STORE_VERSION,
         }, sort_keys=True, default=str)
         return root / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+    def _query_folder(self, folder: Path, options: SceneOptions) -> Path:
+        """``folder/queries/<hash>``: the class-dependent store, keyed by the queries (and their embeddings),
+        the prior and the solver; post-processing (thresholds, colours) is redone by every run."""
+        queries = self.models.query_embeddings.detach().float().cpu().contiguous().numpy()
+        key = json.dumps({
+            "queries": list(self.models.classes.queries),
+            "query_embeddings": hashlib.sha256(queries.tobytes()).hexdigest(),
+            "method": self.settings.method, "prior": self.settings.prior, "features": self.settings.features,
+            "solver": asdict(self.settings.solver), "upsampler": self.model_identity()["upsampler"],
+            "context": [options.context, options.context_size, options.solver_chunk_tiles],
+        }, sort_keys=True, default=str)
+        return folder / "queries" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
     def _report(self, scene, options, counts, areas, outputs, timings, store, colors) -> dict:
         empty = len(store.empty_tiles())

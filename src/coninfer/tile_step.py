@@ -107,14 +107,28 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> float16 on CUDA (the paper runs fp16), float32 on CPU; or fp32 / fp16 / bf16."""
+    """``auto`` -> float16 on CUDA (the paper runs fp16); on the CPU bfloat16 where it multiplies bf16 natively
+    (:func:`coninfer._cpu.native_bf16`; README "Speed": DINOv3-L 5x faster, labels not identical), else float32. ``fp32`` is
+    the exact-parity mode everywhere; fp16 is CUDA only, bf16 on the CPU needs native support."""
+    from coninfer._cpu import ENV_OVERRIDE, bf16_features, native_bf16
+
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        if native_bf16():
+            logger.info("--precision auto: bf16 on this CPU (%s); --precision fp32 for exact parity",
+                        ", ".join(bf16_features()) or f"{ENV_OVERRIDE}=1")
+            return torch.bfloat16
+        return torch.float32
     if precision not in table:
         raise InputError(f"unknown precision {precision!r}", hint="use auto, fp32, fp16 or bf16")
-    if precision != "fp32" and device.type == "cpu":
-        raise InputError(f"{precision} is not supported on the CPU", hint="use --precision fp32 (or auto) on the CPU")
+    if device.type == "cpu" and precision == "fp16":
+        raise InputError("fp16 is not supported on the CPU", hint="use --precision fp32 (or auto) on the CPU")
+    if device.type == "cpu" and precision == "bf16" and not native_bf16():
+        # emulated bf16 (oneDNN on plain AVX-512/AVX2) is slower than fp32 and less exact: never worth it
+        raise InputError("--precision bf16 is not supported on the CPU without native bf16 matmul "
+                         "(AVX512-BF16 or AMX-BF16); this one has none", hint="use --precision fp32 (or auto) on this CPU")
     return table[precision]
 
 
@@ -170,35 +184,57 @@ def encode_tiles(models: Models, tiles: Sequence[torch.Tensor], settings: Infere
     """CLIP prior and solver features of a batch of tiles on one G x G grid.
 
     Returns:
-        logits: (B, G*G, K) float32 cosine similarities patch/query.
+        logits: (B, G*G, K) float32 cosine similarities patch/query (or SegEarth-OV's pooled logits).
         features: (B, G*G, D) L2-normalised patch features in the models' dtype (VFM, or CLIP tokens).
     """
+    clip_tokens, features = embed_tiles(models, tiles, settings)
+    if settings.prior == "segearth-ov":
+        return segearth_ov_logits(models, tiles, settings), features
+    return query_logits(clip_tokens, models.query_embeddings), features
+
+
+@torch.inference_mode()
+def embed_tiles(models: Models, tiles: Sequence[torch.Tensor], settings: InferenceSettings
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What does not depend on the classes: dense CLIP tokens (B, G*G, E) and solver features (B, G*G, D),
+    both L2-normalised, in the models' dtype; the features are the CLIP tokens when the method needs no VFM."""
     grid = models.grid_size(settings.model_res)
     clip_input = to_model_input(tiles, grid * models.clip.patch_size, models.clip_normalization,
                                 models.device, models.dtype)
     clip_tokens = models.clip.dense_features(clip_input, settings.clip)  # (B, G*G, E), unit norm
     if clip_tokens.shape[1] != grid * grid:
         raise InputError(f"CLIP produced {clip_tokens.shape[1]} patches but the VFM grid has {grid * grid}")
-    queries = models.query_embeddings.to(device=clip_tokens.device, dtype=torch.float32)
-    if settings.prior == "segearth-ov":
-        logits = _segearth_ov_prior(models, clip_input, queries, grid)
-    else:
-        logits = clip_tokens.float() @ queries.T  # (B, G*G, E) @ (E, K) -> (B, G*G, K)
     if not settings.needs_vfm:
-        features = clip_tokens
-    else:
-        if models.vfm is None:
-            raise InputError("this method needs a VFM but none is loaded",
-                             hint="load one (--vfm), or use method='baseline' or features='clip'")
-        vfm_input = to_model_input(tiles, grid * models.vfm.patch_size, models.vfm_normalization,
-                                   models.device, models.dtype)
-        features = models.vfm.dense_features(vfm_input)  # (B, G*G, D), unit norm
-        if features.shape[1] != grid * grid:
-            raise InputError(
-                f"the VFM grid ({features.shape[1]} patches) differs from the CLIP grid ({grid * grid})",
-                hint="use models with matching patch grids at this --model-res",
-            )
-    return logits, features
+        return clip_tokens, clip_tokens
+    if models.vfm is None:
+        raise InputError("this method needs a VFM but none is loaded",
+                         hint="load one (--vfm), or use method='baseline' or features='clip'")
+    vfm_input = to_model_input(tiles, grid * models.vfm.patch_size, models.vfm_normalization,
+                               models.device, models.dtype)
+    features = models.vfm.dense_features(vfm_input)  # (B, G*G, D), unit norm
+    if features.shape[1] != grid * grid:
+        raise InputError(
+            f"the VFM grid ({features.shape[1]} patches) differs from the CLIP grid ({grid * grid})",
+            hint="use models with matching patch grids at this --model-res",
+        )
+    return clip_tokens, features
+
+
+def query_logits(clip_tokens: torch.Tensor, query_embeddings: torch.Tensor) -> torch.Tensor:
+    """The CLIP prior (B, G*G, K) float32: cosine of each patch token (B, G*G, E) with each query (K, E)."""
+    queries = query_embeddings.to(device=clip_tokens.device, dtype=torch.float32)
+    return clip_tokens.float() @ queries.T  # (B, G*G, E) @ (E, K) -> (B, G*G, K)
+
+
+@torch.inference_mode()
+def segearth_ov_logits(models: Models, tiles: Sequence[torch.Tensor], settings: InferenceSettings) -> torch.Tensor:
+    """SegEarth-OV's prior (B, G*G, K) of the tiles: it needs the pixels (SimFeatUp is guided by the image), so
+    it cannot be computed from stored CLIP tokens."""
+    grid = models.grid_size(settings.model_res)
+    clip_input = to_model_input(tiles, grid * models.clip.patch_size, models.clip_normalization,
+                                models.device, models.dtype)
+    queries = models.query_embeddings.to(device=clip_input.device, dtype=torch.float32)
+    return _segearth_ov_prior(models, clip_input, queries, grid)
 
 
 def _segearth_ov_prior(models: Models, clip_input: torch.Tensor, queries: torch.Tensor, grid: int) -> torch.Tensor:
@@ -225,14 +261,16 @@ def solve(logits: torch.Tensor, features: torch.Tensor, settings: InferenceSetti
 
 @dataclass(frozen=True)
 class TileResult:
-    """``labels`` (H, W) uint8 and ``probs`` (C, H, W) float32 of one tile at its original size."""
+    """``labels`` (H, W) uint8 and ``probs`` (C, H, W) float32 of one tile at its original size (None when not
+    asked for: the evaluation needs labels only, and on a GPU the probabilities would be the largest copy)."""
 
     labels: np.ndarray
-    probs: np.ndarray
+    probs: np.ndarray | None
 
 
 def infer_tiles(models: Models, images, settings: InferenceSettings = InferenceSettings(),
-                output_sizes: Sequence[tuple[int, int]] | None = None) -> list[TileResult]:
+                output_sizes: Sequence[tuple[int, int]] | None = None, *, probabilities: bool = True
+                ) -> list[TileResult]:
     """Segment a batch of RGB tiles with the batch as context (the paper's evaluation path).
 
     ``images``: (B, H, W, 3) uint8 or a list of (H, W, 3) uint8 arrays. Every tile is resized to the model
@@ -252,5 +290,5 @@ def infer_tiles(models: Models, images, settings: InferenceSettings = InferenceS
         probs = class_probabilities(z_grid[index : index + 1], size, models.classes.query_to_class,
                                     settings.post.logit_scale)[0]
         labels = labels_from_probabilities(probs[None], settings.post.prob_thd, settings.post.bg_index)[0]
-        results.append(TileResult(labels.to(torch.uint8).cpu().numpy(), probs.cpu().numpy()))
+        results.append(TileResult(labels.to(torch.uint8).cpu().numpy(), probs.cpu().numpy() if probabilities else None))
     return results

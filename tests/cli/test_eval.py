@@ -25,7 +25,7 @@ from coninfer.encoders.tiny import build_tiny_clip
 from coninfer.evaluate import dataset_names, load_dataset_spec
 from coninfer.settings import DenseCLIPSettings
 
-TINY = ["--vlm", "tiny-random", "--vfm", "tiny-random", "-q"]
+TINY = ["--vlm", "tiny-random", "--vfm", "tiny-random", "--precision", "fp32", "-q"]  # fp32: exact on every CPU
 
 
 def write_converted(data_root: Path, name: str, count: int, seed: int = 0) -> Path:
@@ -115,9 +115,9 @@ class TestEvalOneDataset:
         table = result.stdout
         assert "Table 1" in table and "Table 3" not in table
         column = table_row(table, "|").index("Potsdam")
-        ours, paper = table_row(table, "ours (ConInfer)"), table_row(table, "paper ConInfer")
+        ours, paper = table_row(table, "ours: ConInfer"), table_row(table, "paper ConInfer")
         assert ours[column] == f"{entry['value']:.2f}" and paper[column] == "49.99"
-        assert table_row(table, "Δ ours − paper ConInfer")[column] == f"{entry['value'] - 49.99:+.2f}"
+        assert table_row(table, "Δ ours: ConInfer − paper ConInfer")[column] == f"{entry['value'] - 49.99:+.2f}"
         assert markdown.read_text().strip() == table.strip()
         [state_file] = state.glob("Potsdam-coninfer-*.json")
         assert json.loads(state_file.read_text())["n_done"] == 2
@@ -151,7 +151,7 @@ class TestEvalOneDataset:
         limited = run("Potsdam", "--data-root", str(potsdam), *TINY, "--limit", "1", "--context-size", "1",
                       "--state-dir", str(tmp_path / "state"))
         assert limited.exit_code == 0, limited.output
-        assert "Potsdam: first 1 images (--limit), context size 1 (paper: 50)" in limited.stdout
+        assert "Potsdam (ConInfer): first 1 images (--limit), context size 1 (paper: 50)" in limited.stdout
         full = run("Potsdam", "--data-root", str(potsdam), *TINY, "--state-dir", str(tmp_path / "state"))
         assert full.exit_code == 0, full.output
         assert "--limit" not in full.stdout and "paper: 50" not in full.stdout
@@ -169,14 +169,17 @@ class TestEvalOneDataset:
         assert entry["method"] == "baseline" and entry["settings"]["vfm"] is None
         assert entry["settings"]["inference"]["method"] == "baseline"
         assert table_row(result.stdout, "paper MaskCLIP* (baseline)")  # compared with the paper's baseline row
-        assert table_row(result.stdout, "Δ ours − paper MaskCLIP* (baseline)")
+        assert table_row(result.stdout, "Δ ours: baseline − paper MaskCLIP* (baseline)")
 
-    @pytest.mark.parametrize(("option", "section", "key", "value"), [
-        (["--method", "decoupled"], "inference", "method", "decoupled"),
-        (["--vlm-variant", "gem"], "clip", "variant", "gem"),
-        (["--temperature", "20", "--iterations", "3"], "inference", "solver", {"temperature": 20.0, "iterations": 3}),
+    @pytest.mark.parametrize(("option", "section", "key", "value", "label", "paper"), [
+        (["--method", "decoupled"], "inference", "method", "decoupled", "ConInfer (decoupled)",
+         "No joint-learning (Table 4)"),
+        (["--vlm-variant", "gem"], "clip", "variant", "gem", "GEM+ConInfer", "ConInfer"),
+        (["--method", "baseline", "--vlm-variant", "gem"], "clip", "variant", "gem", "GEM", "GEM"),
+        (["--temperature", "20", "--iterations", "3"], "inference", "solver", {"temperature": 20.0, "iterations": 3},
+         "ConInfer", "ConInfer"),
     ])  # fmt: skip
-    def test_other_methods_run_end_to_end(self, potsdam, tmp_path, option, section, key, value):
+    def test_other_methods_run_end_to_end(self, potsdam, tmp_path, option, section, key, value, label, paper):
         output = tmp_path / "method.json"
         result = run("Potsdam", "--data-root", str(potsdam), *TINY, *option, "--limit", "2", "--context-size", "2",
                      "--output", str(output), "--state-dir", str(tmp_path / "state"))
@@ -186,24 +189,65 @@ class TestEvalOneDataset:
         if isinstance(value, dict):
             found = {name: found[name] for name in value}
         assert found == value and 0.0 <= entry["value"] <= 100.0
+        assert entry["method"] == label and table_row(result.stdout, f"paper {paper}")
 
-    def test_segearth_ov_prior(self, potsdam, tmp_path):
-        import torch
-        from safetensors.torch import save_file
-
-        from coninfer.encoders.simfeatup import SimFeatUp
-        from coninfer.encoders.tiny import build_tiny_clip
-
-        torch.manual_seed(0)
-        weights = tmp_path / "jbu.safetensors"
-        save_file({f"upsampler.{k}": v.contiguous()
-                   for k, v in SimFeatUp(build_tiny_clip().embed_dim).state_dict().items()}, str(weights))
+    def test_segearth_ov_prior_under_coninfer(self, potsdam, tmp_path):
         output = tmp_path / "segov.json"
         result = run("Potsdam", "--data-root", str(potsdam), *TINY, "--prior", "segearth-ov", "--upsampler",
-                     str(weights), "--limit", "1", "--output", str(output), "--state-dir", str(tmp_path / "state"))
+                     "tiny-random", "--limit", "1", "--output", str(output), "--state-dir", str(tmp_path / "state"))
         assert result.exit_code == 0, result.output
         [entry] = json.loads(output.read_text())
-        assert entry["settings"]["inference"]["prior"] == "segearth-ov" and entry["settings"]["upsampler"] == str(weights)
+        assert entry["settings"]["inference"]["prior"] == "segearth-ov" and entry["settings"]["upsampler"] == "tiny-random"
+        assert entry["method"] == "ConInfer + SegEarth-OV prior" and "segearth_ov" not in entry["settings"]
+        assert table_row(result.stdout, "Δ ours: ConInfer + SegEarth-OV prior − paper ConInfer")
+
+    @pytest.mark.parametrize(("protocol", "label", "prob_thd", "prompts", "windows"), [
+        ([], "SegEarth-OV", 0.6, "segearth_ov", 2),  # the default of --method baseline --prior segearth-ov
+        (["--segearth-protocol", "coninfer-rerun"], "SegEarth-OV (ConInfer re-run)", 0.4, "coninfer", 1),
+    ])  # fmt: skip
+    def test_segearth_ov_alone_under_each_protocol(self, tmp_path, small_segearth_ov, protocol, label, prob_thd,
+                                                  prompts, windows):
+        data_root = tmp_path / "data"
+        write_converted(data_root, "WHU_Aerial", 2)
+        output = tmp_path / "segov.json"
+        result = run("WHU_Aerial", "--data-root", str(data_root), *TINY, "--method", "baseline", "--prior",
+                     "segearth-ov", "--upsampler", "tiny-random", *protocol, "--output", str(output),
+                     "--state-dir", str(tmp_path / "state"), "--context-size", "1")
+        assert result.exit_code == 0, result.output
+        [entry] = json.loads(output.read_text())
+        settings = entry["settings"]
+        assert (entry["method"], entry["n_images"], settings["vfm"], settings["prompts"]) == (label, 2, None, prompts)
+        assert settings["segearth_ov"]["prob_thd"] == prob_thd and settings["segearth_ov"]["bg_index"] == 0
+        assert small_segearth_ov == [windows] * 2  # every image predicted at its own size, its protocol's windows
+        assert table_row(result.stdout, f"Δ ours: {label} − paper SegEarth-OV")
+        assert "context size" not in result.stdout  # SegEarth-OV has no context: batches change nothing
+
+    def test_table2_plug_and_play_row(self, tmp_path, small_segearth_ov):
+        data_root = tmp_path / "data"
+        write_converted(data_root, "OpenEarthMap", 1)
+        result = run("OpenEarthMap", "--data-root", str(data_root), *TINY, "--method", "baseline", "--prior", "segearth-ov",
+                     "--upsampler", "tiny-random", "--segearth-protocol", "coninfer-rerun", "--vlm-variant", "maskclip",
+                     "--state-dir", str(tmp_path / "state"))
+        assert result.exit_code == 0, result.output
+        assert "Table 2" in result.stdout and "Table 1" not in result.stdout  # shown once, where the paper has it
+        assert table_row(result.stdout, "paper MaskCLIP+SegEarth-OV")[1:4] == ["25.94", "38.18", "47.75"]
+        assert table_row(result.stdout, "Δ ours: MaskCLIP+SegEarth-OV − paper MaskCLIP+SegEarth-OV")[1] != "–"
+
+    def test_compare_puts_earlier_results_beside_this_run(self, potsdam, tmp_path):
+        baseline = tmp_path / "baseline.json"
+        first = run("Potsdam", "--data-root", str(potsdam), *TINY, "--method", "baseline", "--limit", "1",
+                    "--output", str(baseline), "--state-dir", str(tmp_path / "state"))
+        assert first.exit_code == 0, first.output
+        second = run("Potsdam", "--data-root", str(potsdam), *TINY, "--limit", "1", "--compare", str(baseline),
+                     "--state-dir", str(tmp_path / "state"), "--output", str(tmp_path / "coninfer.json"))
+        assert second.exit_code == 0, second.output
+        assert table_row(second.stdout, "ours: baseline") and table_row(second.stdout, "ours: ConInfer")
+        assert [e["method"] for e in json.loads((tmp_path / "coninfer.json").read_text())] == ["ConInfer"]
+
+    def test_segearth_ov_needs_an_upsampler(self, potsdam):
+        result = run("Potsdam", "--data-root", str(potsdam), *TINY, "--method", "baseline", "--prior", "segearth-ov")
+        assert result.exit_code == 2 and result.output.count("\n") == 1
+        assert "--upsampler" in result.output and "simfeatup-clip-b16" in result.output
 
     def test_ablation_flags_reach_the_settings(self, potsdam, tmp_path, monkeypatch):
         monkeypatch.setattr(presets, "load_vfm", lambda *a, **k: pytest.fail("CLIP features need no VFM"))
@@ -215,6 +259,30 @@ class TestEvalOneDataset:
         [entry] = json.loads(output.read_text())
         assert entry["settings"]["clip"] == asdict(DenseCLIPSettings("clearclip", True, 0.3))
         assert entry["settings"]["inference"]["features"] == "clip" and entry["settings"]["vfm"] is None
+
+
+@pytest.fixture
+def small_segearth_ov(monkeypatch) -> list[int]:
+    """SegEarth-OV's protocols at a 64-px model size (48/16 windows for its own) instead of 448 (224/112): the
+    same code path in a fraction of the time. Returns the number of windows of each image, in order."""
+    from coninfer import segearth_ov
+
+    original = segearth_ov.SegEarthOVSettings.for_dataset.__func__
+    windows: list[int] = []
+
+    def small(cls, dataset, protocol="segearth_ov", **overrides):
+        sizes = {"resize_size": 64, **({"slide_crop": 48, "slide_stride": 16} if protocol == "segearth_ov" else {})}
+        return original(cls, dataset, protocol, **sizes, **overrides)
+
+    def counted(height, width, crop, stride):
+        found = original_windows(height, width, crop, stride)
+        windows.append(len(found))
+        return found
+
+    original_windows = segearth_ov.slide_windows
+    monkeypatch.setattr(segearth_ov.SegEarthOVSettings, "for_dataset", classmethod(small))
+    monkeypatch.setattr(segearth_ov, "slide_windows", counted)
+    return windows
 
 
 class TestEvalAll:
@@ -231,7 +299,7 @@ class TestEvalAll:
         assert entries[1]["metric"] == "IoU_foreground" and list(entries[1]["per_class"]) == ["background",
                                                                                               "building"]
         assert "Table 1" in result.stdout and "Table 3" in result.stdout
-        assert table_row(result.stdout, "ours (ConInfer)")[-1] != "–"
+        assert table_row(result.stdout, "ours: ConInfer")[-1] != "–"
         skipped = next(line for line in result.stderr.splitlines() if "skipped" in line)  # even with -q
         missing = [n for n in dataset_names() if n not in ("Potsdam", "Inria")]
         assert all(f"{name} (" in skipped for name in missing) and "Potsdam" not in skipped

@@ -46,6 +46,8 @@ class TestList:
             if preset.filename:
                 assert f"[{preset.filename}]" in line
         assert "(default)" in lines[1] and "(gated)" in next(line for line in lines if "sat-meta" in line)
+        upsamplers = [line.split()[0] for line in lines if " upsampler " in line]
+        assert upsamplers == ["simfeatup-clip-b16", "tiny-random"]
 
 
 class TestDownload:

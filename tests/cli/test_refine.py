@@ -67,8 +67,12 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
     files = {"missing": tmp_path / "missing.npz"}
     files["not_npz"] = tmp_path / "text.npz"
     files["not_npz"].write_text("not a zip")
+    files["empty"] = tmp_path / "empty.npz"
+    files["empty"].write_bytes(b"")
     files["npy"] = tmp_path / "plain.npy"
     np.save(files["npy"], arrays["logits"])
+    files["npy_named_npz"] = tmp_path / "array.npz"
+    files["npy_named_npz"].write_bytes(files["npy"].read_bytes())
     files["missing_array"] = tmp_path / "no_features.npz"
     np.savez(files["missing_array"], logits=arrays["logits"])
     files["wrong_shape"] = tmp_path / "one_d.npz"
@@ -105,8 +109,10 @@ def _damage_deflate_stream(path: Path, member: str) -> None:
     ("case", "message"),
     [
         ("missing", "not found"),
-        ("not_npz", "cannot read"),
-        ("npy", "not an .npz"),
+        ("not_npz", "is not an .npz archive (not a zip archive)"),
+        ("empty", "is not an .npz archive (empty)"),
+        ("npy", "is not an .npz archive (a single .npy array)"),
+        ("npy_named_npz", "is not an .npz archive (a single .npy array)"),
         ("missing_array", "no array named features"),
         ("wrong_shape", "2-D"),
         ("row_mismatch", "rows"),
@@ -123,15 +129,19 @@ def test_bad_input_file(tmp_path: Path, case: str, message: str) -> None:
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.stderr
+    if case != "pickled":  # numpy takes any non-zip bytes for a pickle: that must not reach the user
+        assert "pickle" not in lines[0]
     assert list(output.parent.iterdir()) == []  # no output, no temporary file
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--temperature", "0"], "temperature"),
-        (["--iterations", "-1"], "iterations"),
-        (["--prior-scale", "-5"], "prior_scale"),
+        (["--temperature", "0"], "--temperature must be"),
+        (["--temperature", "nan"], "--temperature must be"),
+        (["--iterations", "-1"], "--iterations must be"),
+        (["--prior-scale", "-5"], "--prior-scale must be"),
+        (["--prior-scale", "inf"], "--prior-scale must be"),
     ],
 )
 def test_bad_settings(input_npz: Path, tmp_path: Path, options: list[str], message: str) -> None:
@@ -140,6 +150,7 @@ def test_bad_settings(input_npz: Path, tmp_path: Path, options: list[str], messa
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "solver." not in lines[0] and "prior_scale" not in lines[0]  # the option's name, not the parameter's
     assert not output.exists()
 
 

@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 import scenes
+from coninfer._cpu import native_bf16
 from coninfer._fs import TEMP_MARK
 from coninfer.cli import main
 from coninfer.pipeline import STOP_AFTER_BATCHES_ENV
@@ -138,14 +139,15 @@ class TestOutputs:
         assert sum(row["fraction"] for row in report["classes"]) == pytest.approx(1.0)
         assert (report["crs"], report["size"]) == ("EPSG:32632", {"width": 75, "height": 53})
         settings = report["settings"]
-        assert settings["bands"] == [3, 2, 1] and settings["device"] == "cpu" and settings["dtype"] == "float32"
+        auto_dtype = "bfloat16" if native_bf16() else "float32"  # --precision auto on this CPU
+        assert settings["bands"] == [3, 2, 1] and settings["device"] == "cpu" and settings["dtype"] == auto_dtype
         assert (settings["scene"]["tile_size"], settings["scene"]["overlap"], settings["scene"]["context"]) == (
             32, 4, "scene")
         assert settings["inference"]["model_res"] == 32 and settings["inference"]["method"] == "coninfer"
         assert [settings["models"][role]["fingerprint"] for role in ("vlm", "vfm")] == ["tiny-random:0"] * 2
         assert report["tiles"]["total"] == 3 * 2 and report["tiles"]["resumed_from"] == 0
         timings = report["timings_s"]
-        assert set(timings) == {"encode_s", "solve_s", "stitch_write_s", "vector_s", "preview_s", "total_s"}
+        assert set(timings) == {"encode_s", "prior_s", "solve_s", "stitch_write_s", "vector_s", "preview_s", "total_s"}
         assert all(value >= 0 for value in timings.values())
         assert timings["total_s"] >= timings["encode_s"] + timings["stitch_write_s"]
 

@@ -258,6 +258,15 @@ class TestText:
             tiny.encode_text(["road"])
         assert caplog.text == ""
 
+    def test_truncation_warning_of_a_huge_name_is_one_short_line(self, tiny, caplog: pytest.LogCaptureFixture) -> None:
+        huge_name = "x" * 2500 + "\n" + "y" * 2499  # 5,000 characters, a newline inside
+        with caplog.at_level("WARNING", logger="coninfer.encoders.clip"):
+            tiny.encode_text([huge_name])
+        (message,) = [record.getMessage() for record in caplog.records]
+        assert "\n" not in message
+        assert len(message) < 250
+        assert "x" * 60 + "\u2026" in message and "x" * 61 not in message
+
     def test_tiny_tokenizer_is_real_bpe(self, tiny) -> None:
         tokens = tiny.tokenizer.convert_ids_to_tokens(tiny.tokenizer("a photo of a building.")["input_ids"])
         assert tokens == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "a</w>", "building</w>", ".</w>",

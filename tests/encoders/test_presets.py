@@ -56,6 +56,9 @@ class TestRegistry:
 
     def test_every_preset_has_a_loader_and_statistics(self):
         for preset in PRESETS.values():
+            if preset.role == presets.UPSAMPLER:  # guided by the CLIP's input: no statistics, no loader registry
+                assert preset.normalization is None and preset.format in ("simfeatup", "tiny"), preset.name
+                continue
             assert callable(get_loader(preset.role, preset.format)), preset.name
             assert isinstance(preset.normalization, Normalization), preset.name
         assert get_preset("dinov3-l16-sat", "vfm").normalization == SAT493M
@@ -69,6 +72,8 @@ class TestRegistry:
                 assert preset.source.startswith("timm/") and preset.filename == "model.safetensors"
             elif preset.format == "open_clip":  # one checkpoint file that load_clip reads
                 assert preset.filename.endswith(load_clip.CHECKPOINT_SUFFIXES)
+            elif preset.format == "simfeatup":  # one Lightning checkpoint file that load_simfeatup reads
+                assert preset.filename.endswith(".ckpt") and preset.source.count("/") == 1
             elif preset.format == "transformers":
                 assert preset.filename is None and preset.source.count("/") == 1
             assert preset.format != "meta"  # Meta's .pth files are not on the hub
@@ -82,6 +87,14 @@ class TestRegistry:
         named = re.search(r"preset ([\w.-]+)", info.value.hint).group(1)
         preset = get_preset(named, "vfm")
         assert not preset.gated and preset.role == "vfm"
+
+    def test_upsampler_presets(self):
+        assert presets.preset_names(presets.UPSAMPLER) == ["simfeatup-clip-b16", "tiny-random"]
+        assert get_preset("tiny-random", presets.UPSAMPLER).builtin
+        with pytest.raises(ValueError, match="format 'simfeatup'"):
+            ModelPreset("x", "vfm", "owner/x", "simfeatup", "MIT", "", filename="x.ckpt")
+        with pytest.raises(ValueError, match="format 'simfeatup'"):
+            ModelPreset("x", presets.UPSAMPLER, "owner/x", "timm", "MIT", "", filename="x.ckpt")
 
     @pytest.mark.parametrize(("field", "changes"), [("role", {"role": "text"}), ("format", {"format": "on nx"}),
                                                     ("filename", {"filename": None}),
@@ -203,6 +216,11 @@ class TestDownload:
         [(kind, repo, patterns)] = hub_calls
         assert (kind, repo) == ("snapshot", "openai/clip-vit-base-patch16")
         assert "model*.safetensors" in patterns and not any(p in ("*", "*.h5", "*.msgpack") for p in patterns)
+
+    def test_upsampler_fetches_its_one_checkpoint(self, hub_calls, tmp_path):
+        preset = get_preset("simfeatup-clip-b16")
+        assert presets.download("simfeatup-clip-b16") == tmp_path / preset.source / preset.filename
+        assert hub_calls == [("file", "likyoo/SegEarth-OV", "simfeatup_dev/weights/xclip_jbu_one_million_aid.ckpt")]
 
     def test_offline_error_says_what_to_do(self, offline_hub):
         with pytest.raises(ModelLoadError, match="chendelong/RemoteCLIP") as info:

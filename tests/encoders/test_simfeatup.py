@@ -234,6 +234,39 @@ class TestLoad:
         model = load_simfeatup("owner/repo/weights/w.ckpt")
         assert calls == [("owner/repo", "weights/w.ckpt", None)] and model.name == "owner/repo/weights/w.ckpt"
 
+    def test_preset_downloads_its_hub_file(self, weights, tmp_path: Path, monkeypatch) -> None:
+        from coninfer.encoders.presets import UPSAMPLER, get_preset
+
+        preset = get_preset("simfeatup-clip-b16", UPSAMPLER)
+        path = _lightning_checkpoint(weights, tmp_path / "w.ckpt")
+        calls = []
+        monkeypatch.setattr(simfeatup, "hub_download",
+                            lambda repo_id, filename, *, revision=None: calls.append((repo_id, filename)) or path)
+        model = load_simfeatup("simfeatup-clip-b16")
+        assert calls == [(preset.source, preset.filename)] and model.name == "simfeatup-clip-b16"
+        assert preset.filename.endswith("xclip_jbu_one_million_aid.ckpt")  # the file SegEarth-OV's configs load
+
+    def test_preset_offline_says_where_else_to_get_it(self, offline_hub) -> None:
+        from coninfer.errors import ModelLoadError
+
+        with pytest.raises(ModelLoadError, match="--upsampler simfeatup-clip-b16") as info:
+            load_simfeatup("simfeatup-clip-b16")
+        assert "github.com/likyoo/SegEarth-OV" in info.value.hint and "pass its path" in info.value.hint
+
+    def test_tiny_random_preset_is_seeded_and_fits_the_tiny_clip(self) -> None:
+        from coninfer.encoders.tiny import build_tiny_clip
+
+        first, second = load_simfeatup("tiny-random"), simfeatup.build_tiny_simfeatup(seed=1)
+        assert first.feature_dim == build_tiny_clip().embed_dim and first.fingerprint == "tiny-random:0"
+        again = load_simfeatup("tiny-random").state_dict()
+        assert all(torch.equal(again[k], v) for k, v in first.state_dict().items())
+        assert not torch.equal(second.fixup_proj[1].weight, first.fixup_proj[1].weight)
+
+    def test_a_local_file_wins_over_a_preset_name(self, weights, tmp_path: Path, monkeypatch) -> None:
+        monkeypatch.chdir(tmp_path)
+        torch.save({"state_dict": dict(weights)}, tmp_path / "tiny-random")
+        assert load_simfeatup("tiny-random").feature_dim == 8
+
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(InputFileError, match="not found"):
             load_simfeatup(tmp_path / "absent.ckpt")

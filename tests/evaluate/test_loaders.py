@@ -7,7 +7,14 @@ import pytest
 from PIL import Image
 
 from coninfer.errors import InputError, InputFileError
-from coninfer.evaluate.loaders import iter_pairs, list_samples, read_image, read_label, resolve_data_root
+from coninfer.evaluate.loaders import (
+    iter_pairs,
+    list_samples,
+    load_sample,
+    read_image,
+    read_label,
+    resolve_data_root,
+)
 from coninfer.evaluate.specs import load_dataset_spec
 
 
@@ -90,3 +97,24 @@ def test_colour_label_is_refused(tmp_path):
     _save(tmp_path / "c.png", np.zeros((2, 2, 3), np.uint8))
     with pytest.raises(InputError, match="single-band"):
         read_label(tmp_path / "c.png", load_dataset_spec("UAVid").label_encoding)
+
+
+def test_label_of_another_size_than_its_image_names_both_files(tmp_path):
+    spec = load_dataset_spec("DeepGlobe")
+    _save(tmp_path / "image_cvt/1.jpg", np.zeros((4, 6, 3), np.uint8), "JPEG")
+    _save(tmp_path / "label_cvt/1.png", np.zeros((4, 5), np.uint8))  # one column short
+    (sample,) = list_samples(spec, tmp_path)
+    with pytest.raises(InputError) as info:
+        load_sample(spec, sample)
+    message = str(info.value.args[0])
+    assert str(sample.label_path) in message and str(sample.image_path) in message
+    assert "5x4" in message and "6x4" in message and "\n" not in str(info.value)
+    assert "coninfer data convert DeepGlobe" in info.value.hint
+
+
+def test_label_of_its_image_size_loads(tmp_path):
+    spec = load_dataset_spec("DeepGlobe")
+    _save(tmp_path / "image_cvt/1.jpg", np.zeros((4, 6, 3), np.uint8), "JPEG")
+    _save(tmp_path / "label_cvt/1.png", np.zeros((4, 6), np.uint8))
+    image, label = load_sample(spec, list_samples(spec, tmp_path)[0])
+    assert image.shape == (4, 6, 3) and label.shape == (4, 6)

@@ -281,3 +281,49 @@ class TestBandStitcher:
             stitcher = BandStitcher(TileGrid(75, height, 32, 8), 4)
             assert stitcher.band_shape == (5, 32, 75)
             assert stitcher._band.shape == stitcher.band_shape and stitcher._band.dtype == np.float32
+
+    @pytest.mark.parametrize("holes", [False, True])
+    def test_without_overlap_each_pixel_is_its_tile_exactly(self, holes: bool) -> None:
+        # one tile per pixel and weight 1: p * 1 / 1 is p to the bit, on the all-valid fast path and off it
+        grid = TileGrid(101, 70, 32, 0)
+        tiles = [(probs, valid if holes else None) for probs, valid in _random_tiles(grid, 3, set(), seed=3)]
+        labels, stitched, valid, _ = _assemble(_run(BandStitcher(grid, 3), tiles), grid, 3)
+        field = np.zeros((3, grid.height + 32, grid.width + 32), np.float32)
+        covered = np.zeros(field.shape[1:], bool)
+        for window, (probs, tile_valid) in zip(grid, tiles, strict=True):
+            field[(slice(None), *window.toslices())] = probs
+            covered[window.toslices()] = True if tile_valid is None else tile_valid
+        field, covered = field[:, : grid.height, : grid.width], covered[: grid.height, : grid.width]
+        np.testing.assert_array_equal(valid, covered)
+        np.testing.assert_array_equal(stitched, np.where(covered, field, 0))
+        np.testing.assert_array_equal(labels[covered], field.argmax(axis=0)[covered])
+
+
+class TestReadAhead:
+    def test_results_in_order_and_errors_where_they_belong(self) -> None:
+        windows = [Window(col, 0, 4, 4) for col in range(6)]
+
+        def read(window: Window) -> int:
+            if window.col_off == 4:
+                raise OSError("truncated file")
+            return int(window.col_off) * 10
+
+        results = tiles_module.read_ahead(read, windows, depth=2)
+        assert [next(results) for _ in range(4)] == [0, 10, 20, 30]
+        with pytest.raises(OSError, match="truncated file"):
+            next(results)
+
+    def test_reads_run_ahead_in_one_other_thread_and_stop_when_closed(self) -> None:
+        import threading
+
+        calls: list[tuple[int, str]] = []
+
+        def read(window: Window) -> int:
+            calls.append((int(window.col_off), threading.current_thread().name))
+            return int(window.col_off)
+
+        results = tiles_module.read_ahead(read, (Window(col, 0, 1, 1) for col in range(100)), depth=3)
+        assert next(results) == 0
+        results.close()  # waits for the reads in flight: at most depth + 1 were ever asked for
+        assert [col for col, _ in calls] == list(range(len(calls))) and 1 <= len(calls) <= 4
+        assert all(name.startswith("coninfer-read-ahead") for _, name in calls)

@@ -150,6 +150,23 @@ class TestClassMap:
         assert _leftovers(tmp_path) == ["classes.tif"]
         assert (tmp_path / "classes.tif").read_bytes() == b"previous result"
 
+    def test_staging_falls_back_to_deflate_without_zstd(self, tmp_path: Path, monkeypatch) -> None:
+        codecs, real_open = [], rasterio.open
+
+        def open_without_zstd(path, mode="r", **kwargs):
+            if mode == "w":
+                codecs.append(kwargs.get("compress"))
+                if kwargs.get("compress") == "zstd":  # as a GDAL built without the codec answers
+                    raise rasterio.errors.RasterioIOError("Cannot create TIFF file due to missing codec for zstd.")
+            return real_open(path, mode, **kwargs)
+
+        monkeypatch.setattr(rasterio, "open", open_without_zstd)
+        write_class_map(tmp_path / "classes.tif", _labels(), GEOREF, NAMES, sidecars=False)
+        assert codecs == ["zstd", "deflate"]
+        assert _leftovers(tmp_path) == ["classes.tif"]
+        with real_open(tmp_path / "classes.tif") as src:
+            np.testing.assert_array_equal(src.read(1), _labels())
+
     def test_rejects_bad_blocks(self, tmp_path: Path) -> None:
         with ClassMapWriter(tmp_path / "c.tif", GEOREF, NAMES) as writer:
             with pytest.raises(ValueError, match="does not match window"):

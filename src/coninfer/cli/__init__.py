@@ -20,6 +20,7 @@ _SUBCOMMANDS = {
     "eval": ("coninfer.cli.eval", "eval_command", "Evaluate on the 17 benchmarks of the paper."),
     "models": ("coninfer.cli.models", "models", "List, download and convert model presets."),
     "data": ("coninfer.cli.data", "data", "Prepare benchmark datasets."),
+    "cache": ("coninfer.cli.cache", "cache", "List and clear work folders (kept embeddings, unfinished runs)."),
 }
 
 

@@ -9,6 +9,7 @@ import click
 
 from coninfer.cli._options import method_options, model_options
 from coninfer.errors import InputError, InputFileError
+from coninfer.evaluate.protocol import SEGEARTH_PROTOCOLS
 
 EXAMPLES = """
 \b
@@ -18,6 +19,13 @@ Examples:
   coninfer eval Potsdam --data-root data/ --method baseline            # MaskCLIP* row
   coninfer eval Potsdam --data-root data/ --vlm-variant clearclip      # Table 2 (plug-and-play)
   coninfer eval Potsdam --data-root data/ --vfm-features clip          # Table 4 (context from CLIP)
+  coninfer eval Potsdam --data-root data/ --method decoupled           # Table 4 (no joint learning)
+  coninfer eval Potsdam --data-root data/ --method baseline --vlm-variant gem               # GEM row
+  coninfer eval Potsdam --data-root data/ --method baseline --prior segearth-ov --upsampler simfeatup-clip-b16
+  coninfer eval WBS-SI --data-root data/ --method baseline --prior segearth-ov --upsampler simfeatup-clip-b16 \\
+      --segearth-protocol coninfer-rerun --vlm-variant clearclip       # Table 2 ClearCLIP+SegEarth-OV
+  coninfer eval Potsdam --data-root data/ --prior segearth-ov --upsampler simfeatup-clip-b16  # ConInfer on it
+  coninfer eval Potsdam --data-root data/ --compare baseline.json --compare gem.json          # side by side
   coninfer eval Potsdam --data-root data/ --vlm tiny-random --vfm tiny-random --limit 4   # offline smoke run
 """
 
@@ -45,25 +53,41 @@ Examples:
               "else ~/.cache/coninfer/eval].")
 @click.option("--overwrite", is_flag=True, help="Replace existing --output / --markdown files (finished datasets "
               "are read back from the saved state, not recomputed).")
+@click.option("--segearth-protocol", type=click.Choice(list(SEGEARTH_PROTOCOLS)), default=None,
+              help="With --method baseline --prior segearth-ov: segearth-ov = SegEarth-OV's own protocol (long side "
+              "resized to 448, 224/112 sliding windows, its prompts and thresholds; the SegEarth-OV rows), "
+              "coninfer-rerun = ConInfer's re-run (448x448, one window, ConInfer's prompts and thresholds; Table 2 "
+              "\"+SegEarth-OV\" rows with --vlm-variant) [default: segearth-ov]. Under --method coninfer/decoupled "
+              "the prior is always the re-run's.")
+@click.option("--compare", "compare_files", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              multiple=True, help="Results JSON of earlier runs (other methods) to show in the table beside "
+              "this run's; repeat the option for several files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-dataset messages.")
 def eval_command(dataset: str, data_root: Path, vlm: str, vfm: str | None, device: str, precision: str,
                  method: str, vlm_variant: str | None, attn_lambda: float | None, temperature: float | None,
                  iterations: int | None, vfm_features: str, prior: str, upsampler: str | None,
                  context_size: int, limit: int | None,
                  output: Path | None, markdown: Path | None, state_dir: Path | None, overwrite: bool,
-                 quiet: bool) -> None:
+                 segearth_protocol: str | None, compare_files: tuple[Path, ...], quiet: bool) -> None:
     """Evaluate on DATASET (one of `coninfer data list`, or `all`) and compare with the paper.
 
-    Prints Table 1 (mIoU) and/or Table 3 (foreground IoU) with our value, the paper's and the difference.
+    Prints Table 1 (mIoU) and/or Table 3 (foreground IoU), and Table 2 for the plug-and-play variants, with our
+    value, the paper's row of the same method (ConInfer, MaskCLIP*, GEM, SegEarth-OV, decoupled) and the
+    difference; --compare adds earlier runs' results as more rows.
     Progress is saved after every batch of images: rerunning the same command continues where it stopped,
     and a finished dataset is not predicted again.
 
     `all` evaluates every benchmark found under --data-root (each in its folder, e.g. data/potsdam),
     lists the ones not found on stderr, and exits with an error only when none is found.
     """
+    from coninfer import distributed
     from coninfer._fs import atomic_path, cache_dir, check_output_path
-    from coninfer.evaluate import format_report, write_results_json
+    from coninfer.evaluate import format_report, read_results_json, write_results_json
     from coninfer.evaluate.protocol import EncoderCache, RunOptions, evaluate_one
+
+    dist = distributed.setup(device)  # world size 1 unless launched by torchrun
+    click.get_current_context().call_on_close(distributed.teardown)
+    quiet = quiet or not dist.is_main  # one progress bar and one table, from rank 0
 
     for target in (output, markdown):
         if target is not None:
@@ -75,16 +99,20 @@ def eval_command(dataset: str, data_root: Path, vlm: str, vfm: str | None, devic
     run = RunOptions(method=method, vlm=vlm, vfm=vfm, vlm_variant=vlm_variant, attn_lambda=attn_lambda,
                      vfm_features=vfm_features, context_size=context_size, limit=limit,
                      state_root=state_dir or cache_dir() / "eval", progress=not quiet, temperature=temperature,
-                     iterations=iterations, prior=prior, upsampler=upsampler)
-    encoders = EncoderCache(device, precision)
+                     iterations=iterations, prior=prior, upsampler=upsampler,
+                     segearth_protocol=segearth_protocol)
+    compared = [result for path in compare_files for result in read_results_json(path)]  # read before the run
+    encoders = EncoderCache(str(dist.device), precision)  # cuda:LOCAL_RANK under torchrun
     results = []
     for spec, root in found:
         if len(found) > 1 and not quiet:
             click.echo(f"== {spec.name}", err=True)
         results.append(evaluate_one(spec, root, encoders, run))
-        if output is not None:  # after every dataset, so a long `eval all` keeps what it has
+        if output is not None and dist.is_main:  # after every dataset, so a long `eval all` keeps what it has
             write_results_json(results, output)
-    table = format_report(results)
+    if not dist.is_main:
+        return
+    table = format_report(compared + results)
     click.echo(table)
     if markdown is not None:
         with atomic_path(markdown) as temporary:

@@ -17,6 +17,7 @@ EXAMPLES = """
 Examples:
   coninfer models list
   coninfer models download dinov3-l16-sat
+  coninfer models download simfeatup-clip-b16      # SegEarth-OV's upsampler, for --upsampler simfeatup-clip-b16
   coninfer models convert RemoteCLIP-ViT-B-32.pt remoteclip-hf --role vlm --activation gelu
   coninfer models convert dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth dinov3-l16-hf --role vfm --normalization sat493m
 """
@@ -29,7 +30,8 @@ def models() -> None:
 
 @models.command("list")
 def list_presets() -> None:
-    """Print every preset with its role, format, source and licence."""
+    """Print every preset with its role (vlm: --vlm, vfm: --vfm, upsampler: --upsampler), format, source and
+    licence."""
     from coninfer.encoders.presets import PRESETS
 
     rows = [("name", "role", "format", "source", "licence", "description")]

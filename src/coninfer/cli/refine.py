@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zipfile
 import zlib
 from pathlib import Path
@@ -20,12 +21,35 @@ Examples:
 """
 
 
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _check_is_npz(path: Path) -> None:
+    """Refuse anything that is not a zip archive before numpy sees it: np.load would take any other bytes for a
+    pickle and talk about pickled data, which is not the user's problem."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_NPY_MAGIC))
+    except OSError as error:
+        raise InputFileError(f"cannot read {path}: {error.strerror or error}", hint="check the file's permissions") from error
+    if head.startswith(_ZIP_MAGICS):
+        return
+    if head.startswith(_NPY_MAGIC):
+        what = "a single .npy array"
+    elif not head:
+        what = "empty"
+    else:
+        what = "not a zip archive"
+    raise InputError(f"{path} is not an .npz archive ({what})",
+                     hint="save logits and features with numpy.savez(path, logits=..., features=...)")
+
+
 def _load_inputs(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``logits`` (N, K) and ``features`` (N, D) from an .npz archive."""
+    _check_is_npz(path)
     try:
         archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise InputError(f"{path} is not an .npz archive", hint="save the arrays with numpy.savez")
         with archive:
             missing = [name for name in ("logits", "features") if name not in archive.files]
             if missing:
@@ -38,6 +62,15 @@ def _load_inputs(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(error, InputError):
             raise
         raise InputFileError(f"cannot read {path} as .npz: {error}", hint="check that the file is a numpy .npz") from error
+
+
+def _check_solver_options(temperature: float, iterations: int, prior_scale: float) -> None:
+    """The options by their command-line names (the solver would name its own parameters)."""
+    for option, value, default in (("--temperature", temperature, 50), ("--prior-scale", prior_scale, 100)):
+        if not math.isfinite(value) or value <= 0:
+            raise InputError(f"{option} must be a finite number > 0, got {value}", hint=f"e.g. {option} {default}")
+    if iterations < 0:
+        raise InputError(f"--iterations must be >= 0, got {iterations}", hint="pass e.g. --iterations 10")
 
 
 def _check_paths(input_path: Path, output: Path, overwrite: bool) -> None:
@@ -79,6 +112,7 @@ def refine(input_path: Path, output: Path, temperature: float, iterations: int, 
     """
     from coninfer.solver import refine as run_solver
 
+    _check_solver_options(temperature, iterations, prior_scale)
     _check_paths(input_path, output, overwrite)
     logits, features = _load_inputs(input_path)
     probs = run_solver(logits, features, temperature=temperature, iterations=iterations, prior_scale=prior_scale)

@@ -55,6 +55,9 @@ def _output_option(name: str):
               help="Folder for the resumable feature store [default: $CONINFER_CACHE/work or ~/.cache/coninfer/work].")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted run with the same input and settings.")
+@click.option("--keep-embeddings", is_flag=True,
+              help="Keep the class-independent CLIP/VFM embeddings (~16 MB per megapixel) in the work folder, so a "
+                   "rerun with other classes or solver settings runs no encoder (see `coninfer cache`).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no summary.")
 def segment(input_path: str, output: Path, classes_text: str | None, classes_file: Path | None,
@@ -64,7 +67,7 @@ def segment(input_path: str, output: Path, classes_text: str | None, classes_fil
             context: str, context_size: int,
             tile_size: int, overlap: int, model_res: int, batch_size: int, bands: str | None, nodata: float | None,
             prob_thd: float,
-            bg_index: int, workdir: Path | None, resume: bool, overwrite: bool, quiet: bool,
+            bg_index: int, workdir: Path | None, resume: bool, keep_embeddings: bool, overwrite: bool, quiet: bool,
             **extra_outputs: Path | None) -> None:
     """Segment INPUT (any raster GDAL reads: GeoTIFF, PNG, JPEG, VRT, /vsi… paths) into a class map with ConInfer."""
     from coninfer.outputs import check_outputs
@@ -96,6 +99,11 @@ def segment(input_path: str, output: Path, classes_text: str | None, classes_fil
                                                bg_index=bg_index)
     # fail on bad inputs/outputs before loading any model
     check_outputs(input_path, {"class_map": output, **extra_outputs}, overwrite=overwrite)
+    from coninfer import distributed
+
+    dist = distributed.setup(device)  # world size 1 unless launched by torchrun; then cuda:LOCAL_RANK
+    click.get_current_context().call_on_close(distributed.teardown)
+    quiet = quiet or not dist.is_main  # one progress bar and one summary, from rank 0
     with gdal_env(input_path):
         scene = read.open_scene(input_path, bands=band_indexes, nodata=nodata)
         if read.scene_is_empty(scene):
@@ -104,11 +112,12 @@ def segment(input_path: str, output: Path, classes_text: str | None, classes_fil
             from coninfer.raster import style
 
             style.parse_colors(colors, classes)  # a bad --colors fails before any model is loaded
-        segmenter = Segmenter.from_presets(classes, vlm=vlm, vfm=vfm, device=device, precision=precision,
+        segmenter = Segmenter.from_presets(classes, vlm=vlm, vfm=vfm, device=str(dist.device), precision=precision,
                                            settings=settings, clip_variant=vlm_variant, attn_lambda=attn_lambda,
                                            upsampler=upsampler)
         summary = segmenter.segment_file(  # the scene opened above: its stretch needed a read of the file
-            scene, output, options, workdir=workdir, resume=resume, overwrite=overwrite, progress=not quiet,
+            scene, output, options, workdir=workdir, resume=resume, keep_embeddings=keep_embeddings,
+            overwrite=overwrite, progress=not quiet, dist=dist,
             colors=colors, **extra_outputs)
     if not quiet:
         for row in summary["classes"]:

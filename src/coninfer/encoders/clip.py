@@ -263,8 +263,12 @@ def _warn_if_truncated(texts: list[str], token_ids: list[list[int]], max_length:
     cut = [(text, len(ids)) for text, ids in zip(texts, token_ids, strict=True) if len(ids) > max_length]
     if cut:
         text, length = cut[0]
+        # a class name can be thousands of characters (or hold newlines): the warning must stay one short line
+        keep = 60
+        example = " ".join(text.split())
+        example = example if len(example) <= keep else example[:keep] + "…"
         logger.warning("%d of %d texts exceed CLIP's %d-token context and are truncated, e.g. %r (%d tokens); "
-                       "shorten long class names", len(cut), len(texts), max_length, text, length)
+                       "shorten long class names", len(cut), len(texts), max_length, example, length)
 
 
 def interpolate_position_embedding(position_embedding: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:

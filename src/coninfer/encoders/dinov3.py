@@ -187,8 +187,9 @@ def resolve_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torc
         return torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise InputError(f"unsupported dtype {dtype}", hint="use float32, float16 or bfloat16")
-    if device.type == "cpu" and dtype != torch.float32:
-        raise InputError(f"{dtype} on the CPU is not supported (slow and inexact)", hint="use float32 on the CPU")
+    if device.type == "cpu" and dtype == torch.float16:  # bf16 is allowed: tile_step.resolve_dtype checks it is native
+        raise InputError(f"{dtype} on the CPU is not supported (slow and inexact)",
+                         hint="use float32 (or bfloat16 where the CPU has native bf16) on the CPU")
     return dtype
 
 

@@ -7,6 +7,9 @@ and hub ids go to the role's detecting loader (:func:`~coninfer.encoders.load_cl
 role (format ``tiny``, seeded random tiny models built in memory for offline smoke tests; labels meaningless).
 Weights come from the Hugging Face hub (cached in the usual ``HF_HOME`` cache) or from local files; nothing is
 hard-coded to a folder.
+
+A third role, ``upsampler``, names SimFeatUp weights for ``--prior segearth-ov``: it has no loader registry (one
+format, ``simfeatup``, read by :func:`coninfer.encoders.simfeatup.load_simfeatup`, which resolves these names).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from coninfer.encoders.normalization import IMAGENET, OPENAI_CLIP, SAT493M, Norm
 from coninfer.errors import InputError, ModelLoadError
 
 BUILTIN = "builtin"  # the source of presets built in memory (format "tiny")
-SINGLE_FILE_FORMATS = ("open_clip", "timm")  # formats whose preset names one checkpoint file of the repository
+SINGLE_FILE_FORMATS = ("open_clip", "timm", "simfeatup")  # formats whose preset names one file of the repository
+UPSAMPLER = "upsampler"  # the role of SimFeatUp weights; not an encoder, so not in encoders.ROLES
+PRESET_ROLES = (*ROLES, UPSAMPLER)
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,12 @@ class ModelPreset:
     activation: str | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"ModelPreset {self.name!r}: role must be 'vlm' or 'vfm', got {self.role!r}")
+        if self.role not in PRESET_ROLES:
+            raise ValueError(f"ModelPreset {self.name!r}: role must be one of {', '.join(PRESET_ROLES)}, "
+                             f"got {self.role!r}")
+        if (self.role == UPSAMPLER and self.format not in ("simfeatup", "tiny")) or (
+                self.format == "simfeatup" and self.role != UPSAMPLER):
+            raise ValueError(f"ModelPreset {self.name!r}: format 'simfeatup' is the upsampler role's (or 'tiny')")
         if not self.format or not self.format.replace("_", "").isalnum():
             raise ValueError(f"ModelPreset {self.name!r}: format must be a loader format name, got {self.format!r}")
         if (self.filename is None) != (self.format not in SINGLE_FILE_FORMATS):
@@ -88,10 +97,18 @@ _PRESET_LIST = (
                 filename="model.safetensors"),
     ModelPreset("dinov2-l14", "vfm", "facebook/dinov2-large", "transformers", "Apache-2.0",
                 "DINOv2 ViT-L/14 (ungated alternative VFM; not in the paper)", IMAGENET),
+    # The file SegEarth-OV's configs load (configs/base_config.py: jbu_one for CLIP ViT-B/16, trained on Million-AID).
+    # It ships in the GitHub repository likyoo/SegEarth-OV at this path; a Hugging Face copy under the same id and
+    # path is assumed, not confirmed: where it is missing, download the file from GitHub and pass its path.
+    ModelPreset("simfeatup-clip-b16", UPSAMPLER, "likyoo/SegEarth-OV", "simfeatup", "see likyoo/SegEarth-OV",
+                "SimFeatUp jbu_one for CLIP ViT-B/16 (SegEarth-OV's configs; hub copy unconfirmed)",
+                filename="simfeatup_dev/weights/xclip_jbu_one_million_aid.ckpt"),
     ModelPreset("tiny-random", "vlm", BUILTIN, "tiny", "Apache-2.0",
                 "seeded random tiny CLIP, offline smoke tests only: labels are meaningless", OPENAI_CLIP),
     ModelPreset("tiny-random", "vfm", BUILTIN, "tiny", "Apache-2.0",
                 "seeded random tiny DINOv3, offline smoke tests only: features are meaningless", IMAGENET),
+    ModelPreset("tiny-random", UPSAMPLER, BUILTIN, "tiny", "Apache-2.0",
+                "seeded random SimFeatUp jbu_one for the tiny CLIP (C = 32), offline smoke tests only"),
 )
 PRESETS: dict[tuple[str, str], ModelPreset] = {(preset.role, preset.name): preset for preset in _PRESET_LIST}
 """Every preset by ``(role, name)``, in table order."""
@@ -157,6 +174,8 @@ def download(name: str, role: Role | None = None) -> Path:
         checkpoint = hub_download(preset.source, preset.filename)
         hub_snapshot(DEFAULT_TOKENIZER, allow_patterns=_TOKENIZER_FILES)  # open_clip files carry no tokenizer
         return checkpoint
+    if preset.format == "simfeatup":
+        return hub_download(preset.source, preset.filename)
     if preset.format == "timm":
         hub_download(preset.source, "config.json")  # timm repositories keep the architecture next to the weights
         return hub_download(preset.source, preset.filename).parent

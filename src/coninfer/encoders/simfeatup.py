@@ -39,7 +39,7 @@ from coninfer.encoders.checkpoints import (
     load_state_dict,
     weights_fingerprint,
 )
-from coninfer.errors import CheckpointFormatError, InputError, InputFileError
+from coninfer.errors import CheckpointFormatError, InputError, InputFileError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ class SimFeatUp(nn.Module):
 
 def load_simfeatup(source: str | Path, *, device: str | torch.device = "cpu",
                    revision: str | None = None) -> SimFeatUp:
-    """Load SimFeatUp weights: a local ``.ckpt``/``.pth``/``.pt`` (PyTorch Lightning checkpoint, read with
+    """Load SimFeatUp weights: an ``upsampler`` preset name (``coninfer models list``: ``simfeatup-clip-b16``,
+    ``tiny-random``), a local ``.ckpt``/``.pth``/``.pt`` (PyTorch Lightning checkpoint, read with
     ``torch.load(weights_only=True)``), a ``.safetensors`` file, or a hub file ``owner/repo/path/file.ckpt``.
 
     The ``state_dict`` wrapper and the ``upsampler.`` key prefix are removed; layout (``jbu_one``/``jbu_stack``),
@@ -182,20 +183,72 @@ def load_simfeatup(source: str | Path, *, device: str | torch.device = "cpu",
         CheckpointFormatError: unreadable file, or tensors that are not a SimFeatUp (missing/unexpected keys named).
     """
     text = str(source)
-    path = Path(text).expanduser()
-    repo_id = None
-    if not path.is_file():
-        looks_hub = text.count("/") >= 2 and text.endswith(CHECKPOINT_SUFFIXES) and not text.startswith((".", "/", "~"))
-        if not looks_hub or path.exists():
-            raise InputFileError(f"SimFeatUp checkpoint not found: {path}",
-                                 hint="pass a .ckpt/.pth/.safetensors file or a hub file owner/repo/file.ckpt")
-        repo_id, filename = "/".join(text.split("/")[:2]), "/".join(text.split("/")[2:])
-        path = hub_download(repo_id, filename, revision=revision)
+    preset = _upsampler_preset(text) if not Path(text).expanduser().exists() else None
+    if preset is not None and preset.builtin:
+        return build_tiny_simfeatup(seed=TINY_SEED).to(device).eval()
+    if preset is not None:
+        try:
+            path, repo_id = hub_download(preset.source, preset.filename, revision=revision), preset.source
+        except ModelLoadError as error:
+            raise ModelLoadError(f"--upsampler {text}: {error.args[0]}",
+                                 hint=f"{error.hint}; or download {preset.filename} from "
+                                 f"github.com/{preset.source} and pass its path") from error
+    else:
+        path, repo_id = _checkpoint_file(text, revision)
     state_dict = strip_prefix(load_state_dict(path))
     model = build_from_state_dict(state_dict, source=text)
     model.name = text
     model.fingerprint = weights_fingerprint(path, repo_id=repo_id)
     return model.to(device).eval()
+
+
+def _checkpoint_file(text: str, revision: str | None) -> tuple[Path, str | None]:
+    """(local file, hub repository or None) of a path or a hub file ``owner/repo/path/file.ckpt``."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path, None
+    looks_hub = text.count("/") >= 2 and text.endswith(CHECKPOINT_SUFFIXES) and not text.startswith((".", "/", "~"))
+    if not looks_hub or path.exists():
+        from coninfer.encoders.presets import UPSAMPLER, preset_names
+
+        raise InputFileError(f"--upsampler {text!r}: not found (neither a preset nor a SimFeatUp file)",
+                             hint=f"pass a preset ({', '.join(preset_names(UPSAMPLER))}), a .ckpt/.pth/"
+                             ".safetensors file or a hub file owner/repo/file.ckpt")
+    repo_id, filename = "/".join(text.split("/")[:2]), "/".join(text.split("/")[2:])
+    return hub_download(repo_id, filename, revision=revision), repo_id
+
+
+TINY_SEED = 0  # the seed of the tiny-random upsampler preset
+TINY_FEATURE_DIM = 32  # the projection size of the tiny-random CLIP (encoders/tiny.py), whose tokens it upsamples
+
+
+def build_tiny_simfeatup(feature_dim: int = TINY_FEATURE_DIM, seed: int = TINY_SEED) -> SimFeatUp:
+    """A seeded random ``jbu_one`` SimFeatUp for offline smoke tests (meaningless output).
+
+    Convolutions ~ N(0, 1/fan_in) with N(0, 0.05^2) biases, so the fix-ups change the kernels visibly but stay
+    small; ``range_temp`` 0 (τ = 1) and ``sigma_spatial`` 1, inside the range of the released weights.
+    """
+    model = SimFeatUp(feature_dim)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 4:
+                values = torch.randn(parameter.shape, generator=generator) / math.sqrt(parameter.shape[1])
+            elif parameter.ndim == 1:
+                values = 0.05 * torch.randn(parameter.shape, generator=generator)
+            else:  # the two learned scalars keep their initial values
+                continue
+            parameter.copy_(values)
+    model.name = f"tiny-random-simfeatup-seed{seed}"
+    model.fingerprint = f"tiny-random:{seed}"
+    return model.eval()
+
+
+def _upsampler_preset(name: str):
+    """The ``upsampler`` preset called ``name``, or None when it is not one (then it is a path or hub file)."""
+    from coninfer.encoders.presets import PRESETS, UPSAMPLER
+
+    return PRESETS.get((UPSAMPLER, name))
 
 
 def strip_prefix(state_dict: StateDict, prefix: str = KEY_PREFIX) -> StateDict:

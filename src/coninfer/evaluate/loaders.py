@@ -151,5 +151,18 @@ def read_label(path: str | Path, encoding: LabelEncoding) -> np.ndarray:
 
 
 def load_sample(spec: DatasetSpec, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    """(image (H, W, 3) uint8, label (h, w) uint8) of one sample."""
-    return read_image(sample.image_path), read_label(sample.label_path, spec.label_encoding)
+    """(image (H, W, 3) uint8, label (H, W) uint8) of one sample; refuses a label of another size than its image.
+
+    Predictions are made at the image's size and scored against the label pixel for pixel, so a size mismatch
+    is a damaged or wrongly converted file: it is named here rather than surfacing later as a shape error.
+    """
+    image, label = read_image(sample.image_path), read_label(sample.label_path, spec.label_encoding)
+    if image.shape[:2] != label.shape:
+        (image_h, image_w), (label_h, label_w) = image.shape[:2], label.shape
+        raise InputError(
+            f"{spec.name}: label {sample.label_path} is {label_w}x{label_h} px but its image {sample.image_path} "
+            f"is {image_w}x{image_h} px",
+            hint=f"re-run `coninfer data convert {spec.name} RAW_DIR DATA_ROOT`, or replace the label with one of "
+            "the image's size",
+        )
+    return image, label

@@ -12,6 +12,13 @@ and other context sizes change the batches and therefore the results, not only t
 **Resuming.** With ``state_path``, the confusion matrix and the number of images done are written there (JSON,
 atomically) after every batch. A rerun with the same dataset, method, context size, limit, image list and settings
 continues after the last finished batch and ends with the same result as an uninterrupted run.
+
+**Several processes** (:mod:`coninfer.distributed`, e.g. under torchrun). Batches are dealt in rounds of
+``world_size``: batch ``b`` goes to rank ``b % world_size``. After each round the ranks' confusion matrices are
+all-reduced (int64: exact), so every rank holds the same total and rank 0 writes the state, which has no
+trace of the world size: a run resumes with any number of processes. The batches and their contents are the
+single-process ones, hence the result (and its JSON) is identical for any world size. Rank 0 reads the state
+and sends it to the others, so only rank 0 needs to see ``state_path``; every rank needs the data.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -33,6 +40,9 @@ from coninfer.errors import InputError, OutputError
 from coninfer.evaluate.loaders import list_samples, load_sample
 from coninfer.evaluate.metrics import ConfusionMatrix
 from coninfer.evaluate.specs import METRIC_MIOU, DatasetSpec, load_dataset_spec
+
+if TYPE_CHECKING:
+    from coninfer.distributed import Dist
 
 PredictBatch = Callable[[list[np.ndarray]], Sequence[np.ndarray]]
 _STATE_VERSION = 1
@@ -162,10 +172,10 @@ def _check_predictions(predictions: Sequence[np.ndarray], labels: list[np.ndarra
         )
     for offset, (prediction, label) in enumerate(zip(predictions, labels, strict=True)):
         shape = np.shape(prediction)
-        if shape != label.shape:
+        if shape != label.shape:  # only a caller's predict_batch: load_sample gives labels of their image's size
             raise InputError(
-                f"prediction for image {first + offset} has shape {shape}, its label {label.shape}",
-                hint="predict at the annotation's resolution",
+                f"predict_batch returned a {shape} map for image {first + offset}, whose label is {label.shape}",
+                hint="return each class map at its image's resolution (H, W), the label's size",
             )
 
 
@@ -180,13 +190,18 @@ def evaluate_dataset(
     progress: bool = True,
     method: str = "ConInfer",
     settings: Mapping[str, Any] | None = None,
+    dist: Dist | None = None,
 ) -> EvalResult:
     """Run ``predict_batch`` over a converted dataset and score it like mmseg's IoUMetric.
 
     ``predict_batch(images)``: images are (H, W, 3) uint8 RGB arrays; it returns one (H, W) integer class map per
     image, at the label's resolution. ``settings`` (JSON-serialisable) are stored with the result and must match
-    for a resume.
+    for a resume. ``dist``: this process's place in a multi-process run (default:
+    :func:`coninfer.distributed.current`); every rank returns the same result, only rank 0 writes the state.
     """
+    from coninfer import distributed
+
+    dist = dist or distributed.current()
     spec = load_dataset_spec(spec) if isinstance(spec, str) else spec
     if context_size < 1:
         raise InputError(f"context_size must be >= 1, got {context_size}", hint="the paper uses 50")
@@ -196,26 +211,63 @@ def evaluate_dataset(
     settings = dict(settings or {})
     fingerprint = _fingerprint(spec, [s.name for s in samples], method, context_size, limit, settings)
     state_path = Path(state_path) if state_path is not None else None
-    loaded = _load_state(state_path, fingerprint, spec) if state_path is not None else None
-    matrix, done = loaded or (
-        ConfusionMatrix(spec.num_classes, ignore_index=spec.label_encoding.ignore_index, class_names=spec.class_names),
-        0,
-    )
+    matrix, done = _start_state(dist, spec, state_path, fingerprint)
     bar = tqdm(total=len(samples), initial=done, desc=f"eval {spec.name}", unit="img",
-               disable=not (progress and sys.stderr.isatty()))  # fmt: skip
+               disable=not (progress and dist.is_main and sys.stderr.isatty()))  # fmt: skip
+    batches = [samples[first : first + context_size] for first in range(done, len(samples), context_size)]
     try:
-        while done < len(samples):
-            batch = samples[done : done + context_size]
-            images, labels = zip(*(load_sample(spec, s) for s in batch), strict=True)
-            predictions = predict_batch(list(images))
-            _check_predictions(predictions, list(labels), done)
-            for prediction, label in zip(predictions, labels, strict=True):
-                matrix.update(np.asarray(prediction), label)
-            done += len(batch)
-            if state_path is not None:
+        for start in range(0, len(batches), dist.world_size):  # one round: a batch per rank
+            round_batches = batches[start : start + dist.world_size]
+            delta = _empty_matrix(spec)
+            if dist.rank < len(round_batches):
+                first = done + dist.rank * context_size
+                _score_batch(spec, round_batches[dist.rank], predict_batch, delta, first)
+            delta.matrix[...] = distributed.all_reduce_confusion(dist, delta.matrix)
+            matrix.merge(delta)
+            done += sum(len(batch) for batch in round_batches)
+            if state_path is not None and dist.is_main:
                 _save_state(state_path, fingerprint, matrix, done)
-            bar.update(len(batch))
+            bar.update(sum(len(batch) for batch in round_batches))
     finally:
         bar.close()
     result_settings = {"context_size": context_size, "limit": limit, **settings}
     return result_from_matrix(spec, matrix, method=method, n_images=len(samples), settings=result_settings)
+
+
+def _empty_matrix(spec: DatasetSpec) -> ConfusionMatrix:
+    return ConfusionMatrix(spec.num_classes, ignore_index=spec.label_encoding.ignore_index,
+                           class_names=spec.class_names)
+
+
+def _score_batch(spec: DatasetSpec, batch: list, predict_batch: PredictBatch, matrix: ConfusionMatrix,
+                 first: int) -> None:
+    """Predict one batch (its first image is image ``first`` of the run) and add it to ``matrix``."""
+    images, labels = zip(*(load_sample(spec, s) for s in batch), strict=True)
+    predictions = predict_batch(list(images))
+    _check_predictions(predictions, list(labels), first)
+    for prediction, label in zip(predictions, labels, strict=True):
+        matrix.update(np.asarray(prediction), label)
+
+
+def _start_state(dist: Dist, spec: DatasetSpec, state_path: Path | None, fingerprint: dict[str, Any]
+                 ) -> tuple[ConfusionMatrix, int]:
+    """(matrix, images done) to continue from: rank 0 reads the state and sends it (or its error) to all."""
+    from coninfer import distributed
+
+    payload: tuple[str, Any, Any] = ("ok", None, 0)
+    if dist.is_main and state_path is not None:
+        try:
+            loaded = _load_state(state_path, fingerprint, spec)
+        except InputError as error:
+            if not dist.grouped:
+                raise
+            payload = ("error", error.args[0], error.hint)
+        else:
+            payload = ("ok", None, 0) if loaded is None else ("ok", loaded[0].to_list(), loaded[1])
+    kind, matrix_rows, done = distributed.broadcast_object(dist, payload)
+    if kind == "error":  # the same error on every rank, so none is left waiting for the others
+        raise InputError(matrix_rows, hint=done)
+    matrix = _empty_matrix(spec)
+    if matrix_rows is not None:
+        matrix.matrix[...] = np.asarray(matrix_rows, dtype=np.int64)
+    return matrix, int(done)

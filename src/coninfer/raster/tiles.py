@@ -18,8 +18,11 @@ wide scene with 10 classes and 448 px tiles needs 11 * 448 * 20,000 * 4 B = 394 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
+from typing import TypeVar
 
 import numpy as np
 from rasterio.windows import Window
@@ -30,6 +33,7 @@ NODATA_LABEL = 255
 """Label of invalid pixels in class maps; class indexes therefore run 0..254."""
 BLOCK_WIDTH = 2048
 """Width of the blocks a finished band is emitted in (bounds the temporaries of the final division)."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -227,10 +231,16 @@ class BandStitcher:
             valid = np.asarray(valid)
             if valid.shape != (size, size):
                 raise ValueError(f"valid must have shape {(size, size)}, got {valid.shape}")
-            weights = weights * valid.astype(bool)
         col = int(self.grid.window(index).col_off)
         width = min(size, self.grid.width - col)  # columns past the right edge are padding
         target = self._band[:, :, col : col + width]
+        if self.grid.overlap == 0 and (valid is None or valid[:, :width].all()):
+            # every weight is 1 and p * 1 == p exactly: one pass instead of a product and a sum
+            target[:-1] += probs[:, :, :width]
+            target[-1] += 1.0
+            return
+        if valid is not None:
+            weights = weights * valid.astype(bool)
         target[:-1] += probs[:, :, :width] * weights[:, :width]
         target[-1] += weights[:, :width]
 
@@ -250,6 +260,26 @@ class BandStitcher:
         self._pending_row = None
 
 
+def read_ahead(read: Callable[[Window], T], windows: Iterable[Window], depth: int = 2) -> Iterator[T]:
+    """``read(window)`` for each window, in order, run ``depth`` windows ahead in one worker thread.
+
+    GDAL releases the GIL while it reads and decodes, so the next tiles are read while the caller computes on
+    the current one. The reads run one at a time (a dataset handle is not safe for concurrent use); an error
+    is raised where its window's result is taken. Closing the iterator early waits for the reads in flight.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    windows = iter(windows)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="coninfer-read-ahead") as pool:
+        pending = deque(pool.submit(read, window) for window in islice(windows, max(1, depth)))
+        while pending:
+            result = pending.popleft().result()
+            following = next(windows, None)
+            if following is not None:
+                pending.append(pool.submit(read, following))
+            yield result
+
+
 def finalize_block(accumulated: np.ndarray, window: Window, prob_thd: float, bg_index: int) -> StitchedBlock:
     """Final labels and probabilities from an accumulator block (C + 1, h, w) of ``window``.
 
@@ -258,7 +288,7 @@ def finalize_block(accumulated: np.ndarray, window: Window, prob_thd: float, bg_
     """
     weight_sum = accumulated[-1]
     valid = weight_sum > 0
-    probs = accumulated[:-1] / np.where(valid, weight_sum, 1.0)
+    probs = accumulated[:-1] / (weight_sum if valid.all() else np.where(valid, weight_sum, 1.0))
     labels = labels_from_probabilities_np(probs, prob_thd, bg_index)
     labels[~valid] = NODATA_LABEL
     return StitchedBlock(window=window, labels=labels, probs=probs.astype(np.float32, copy=False), valid=valid)
@@ -272,4 +302,5 @@ __all__ = [
     "blend_weights",
     "block_windows",
     "finalize_block",
+    "read_ahead",
 ]

@@ -20,6 +20,7 @@ from rasterio.errors import RasterioIOError
 
 import scenes
 from coninfer.errors import InputError, InputFileError, OutputError, ResourceError
+from coninfer.pipeline import scene_grid
 from coninfer.postprocess import class_probabilities, patches_to_grid
 from coninfer.prompts import ClassList
 from coninfer.raster import read
@@ -64,7 +65,7 @@ class TestSceneOptions:
         ({"solver_chunk_tiles": 0}, "solver_chunk_tiles"),
     ])  # fmt: skip
     def test_invalid_field_is_named(self, kwargs: dict, field: str) -> None:
-        with pytest.raises(InputError, match=field.replace("_", "-")):
+        with pytest.raises(InputError, match=field.replace("_", "[_-]")):
             SceneOptions(**{"tile_size": 32, **kwargs})
 
 
@@ -239,6 +240,19 @@ class TestOutOfMemory:
         monkeypatch.setattr(scene_module, "embed_tiles", no_gpu_memory)
         with pytest.raises(ResourceError, match="out of memory even for one tile"):
             segmenter.segment_array(scenes.random_rgb(32, 32), SceneOptions(tile_size=TILE, batch_size=2))
+
+    def test_array_too_large_for_the_host_is_refused_before_work(self, segmenter, monkeypatch) -> None:
+        """segment_array holds the whole scene: the estimate counts it and the error points to files."""
+        from coninfer import memory
+
+        pixels = scenes.random_rgb(64, 96, seed=3)
+        needed = memory.estimate_run_memory(memory.run_shape(
+            segmenter.models, SETTINGS, scene_grid(96, 64, SceneOptions(tile_size=TILE)), SceneOptions(tile_size=TILE),
+            in_memory=True)).host_bytes
+        monkeypatch.setattr(memory, "available_host_memory", lambda: int(needed * memory.HEADROOM) // 2)
+        monkeypatch.setattr("coninfer.segmenter.encode_scene", None)  # encoding would be a failure of the check
+        with pytest.raises(ResourceError, match="of host memory"):
+            segmenter.segment_array(pixels, SceneOptions(tile_size=TILE))
 
 
 class TestSegmentFile:

@@ -171,8 +171,11 @@ def hold_outputs(paths: Iterable[str | Path]) -> Iterator[None]:
                 raise OutputError(f"another run (process {other}) is writing {path}",
                                   hint="wait for it to finish or choose other output paths") from None
             held.append((handle, lock))
-            os.ftruncate(handle, 0)
-            os.write(handle, str(os.getpid()).encode())  # so a refused run can name this one
+            try:
+                os.ftruncate(handle, 0)
+                os.write(handle, str(os.getpid()).encode())  # so a refused run can name this one
+            except OSError as error:  # a full disk: the lock is held all the same, only the pid is missing
+                raise write_error(path, error) from error
             remove_stale_temporaries(path.parent, [path.name])
         yield
     finally:

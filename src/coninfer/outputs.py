@@ -148,6 +148,9 @@ def check_outputs(source: str | Path, given: Mapping[str, str | Path | None], *,
     outputs = {name: Path(value) for name, value in values.items() if value is not None}
     for name, path in outputs.items():
         suffixes = KINDS[name].suffixes
+        if path.is_dir():
+            raise InputError(f"{KINDS[name].option} {path} is a folder, not a file name",
+                             hint=f"name a file in it, e.g. {path / ('classes' + (suffixes[0] if suffixes else ''))}")
         if suffixes and path.suffix.lower() not in suffixes:
             found = repr(path.suffix) if path.suffix else "no extension"
             raise InputError(f"{KINDS[name].option} {path}: {found} is not a {name.replace('_', ' ')} file name",
@@ -163,13 +166,14 @@ def check_outputs(source: str | Path, given: Mapping[str, str | Path | None], *,
 def write_outputs(*args, **kwargs) -> dict:
     """:func:`_write_outputs`, with a full disk or a failing driver as one line naming the output folder (the
     old outputs, if any, are untouched: nothing was moved yet)."""
+    from rasterio._err import CPLE_BaseError  # GDAL's own errors (a failed TIFF write) are not RasterioErrors
     from rasterio.errors import RasterioError
 
     try:
         return _write_outputs(*args, **kwargs)
     except ConInferError:
         raise
-    except (OSError, RasterioError) as error:
+    except (OSError, RasterioError, CPLE_BaseError) as error:
         folder = Path(next(iter(args[0].values()))).parent if args and args[0] else "the output folder"
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if isinstance(error, OSError) and error.errno is not None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from coninfer import _fs, distributed
 from coninfer.errors import InputError, OutputError
+from coninfer.memory import check_memory, run_shape
 from coninfer.outputs import check_outputs, write_outputs
 from coninfer.pipeline import (
     ArrayScene,
@@ -109,6 +110,7 @@ class Segmenter:
         pixels with data (default: all). Returns labels (H, W) uint8 (255 where invalid) and probs (C, H, W)."""
         scene = ArrayScene(_as_numpy(rgb, "rgb"), None if valid is None else _as_numpy(valid, "valid").astype(bool))
         grid = scene_grid(scene.width, scene.height, options)
+        check_memory(run_shape(self.models, self.settings, grid, options, in_memory=True), device=self.models.device)
         patches = self.models.grid_size(self.settings.model_res) ** 2
         embeddings = MemoryEmbeddings(len(grid), patches)
         store = MemoryStore(len(grid), patches, len(self.models.classes.queries), embeddings)
@@ -164,6 +166,9 @@ class Segmenter:
             scene = path if isinstance(path, read.Scene) else read.open_scene(path, bands=bands, nodata=nodata)
             if read.scene_is_empty(scene):
                 raise InputError(f"{source} is entirely nodata", hint="check the nodata value / mask of the input")
+            # before the work folder exists: a run that cannot fit leaves nothing behind
+            check_memory(run_shape(self.models, self.settings, scene_grid(scene.width, scene.height, options),
+                                   options), device=self.models.device)
             folder = self._workdir(scene, options, workdir)
             queries = self._query_folder(folder, options)
             with locked_folder(folder) if dist.is_main else nullcontext():

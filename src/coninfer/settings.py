@@ -41,16 +41,29 @@ _VARIANT_TABLE = {  # paper Table 2 / ConInfer configs: (ignore_residual, attn_l
 }
 
 
+_OPTIONS = ("model_res", "temperature", "iterations", "prior_scale", "attn_lambda", "prob_thd", "bg_index")
+"""Settings that are also command-line options: their errors name the option (``--prob-thd``), which the
+README documents field by field, so one message serves the CLI and the Python API."""
+
+
+def _label(owner: str, name: str) -> str:
+    if name in _OPTIONS:
+        return "--" + name.replace("_", "-")
+    return f"{owner}.{name}" if owner else name
+
+
 def _positive_real(owner: str, name: str, value) -> float:
     # numbers.Real also covers numpy scalars (e.g. a value read from an .npz); they are stored as Python floats
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise InputError(f"{owner}.{name} must be a finite number > 0, got {value!r}", hint=f"pass a positive {name}")
+        raise InputError(f"{_label(owner, name)} must be a finite number > 0, got {value!r}",
+                         hint=f"pass a positive {name.replace('_', ' ')}")
     return float(value)
 
 
 def _integer(owner: str, name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise InputError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}", hint=f"fix {name}")
+        raise InputError(f"{_label(owner, name)} must be an integer >= {minimum}, got {value!r}",
+                         hint=f"give an integer of at least {minimum}")
     return int(value)
 
 
@@ -115,7 +128,7 @@ class DenseCLIPSettings:
             raise InputError(f"clip.ignore_residual: expected a bool, got {self.ignore_residual!r}",
                              hint="pass True or False")
         if not math.isfinite(float(self.attn_lambda)) or not 0.0 <= float(self.attn_lambda) <= 1.0:
-            raise InputError(f"clip.attn_lambda: {self.attn_lambda!r} is not in [0, 1]",
+            raise InputError(f"--attn-lambda must be in [0, 1], got {self.attn_lambda!r}",
                              hint="the paper uses 0.6 (0.1 for UAVid, Vaihingen, UDD5, VDD)")
         object.__setattr__(self, "attn_lambda", float(self.attn_lambda))
         object.__setattr__(self, "gem_depth", _integer("clip", "gem_depth", self.gem_depth, 2))
@@ -148,7 +161,7 @@ class PostSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "logit_scale", _positive_real("post", "logit_scale", self.logit_scale))
         if isinstance(self.prob_thd, bool) or not 0.0 <= float(self.prob_thd) <= 1.0:
-            raise InputError(f"post.prob_thd must be in [0, 1], got {self.prob_thd!r}", hint="use e.g. 0.1, or 0 for off")
+            raise InputError(f"--prob-thd must be in [0, 1], got {self.prob_thd!r}", hint="use e.g. 0.1, or 0 for off")
         object.__setattr__(self, "prob_thd", float(self.prob_thd))
         object.__setattr__(self, "bg_index", _integer("post", "bg_index", self.bg_index, 0))
 
@@ -176,7 +189,7 @@ class InferenceSettings:
     def __post_init__(self) -> None:
         if isinstance(self.model_res, bool) or not isinstance(self.model_res, numbers.Integral) \
                 or self.model_res < 16 or self.model_res % 2:
-            raise InputError(f"model_res must be an even number >= 16, got {self.model_res!r}",
+            raise InputError(f"--model-res must be an even number >= 16, got {self.model_res!r}",
                              hint="use e.g. --model-res 448")
         if self.method not in METHODS:
             raise InputError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -247,4 +260,10 @@ class SceneOptions:
         for name in ("context_size", "batch_size", "solver_chunk_tiles"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1 tile, got {value!r}")
+                default = getattr(SceneOptions, name)
+                if name == "solver_chunk_tiles":  # a Python-only option
+                    label, hint = name, f"use e.g. {name}={default}"
+                else:
+                    label = "--" + name.replace("_", "-")
+                    hint = f"use e.g. {label} {default}"
+                raise InputError(f"{label} must be >= 1 tile, got {value!r}", hint=hint)

@@ -261,7 +261,19 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "class map not a GeoTIFF": (lambda f: _args(_ms(f), output="out.png"), "'.png' is not a class map file name"),
     "model resolution": (lambda f: _args(_ms(f), "--model-res", "40"), "not a multiple of the VFM patch size"),
     "entirely nodata": (lambda f: _args(scenes.all_nodata(f / "nodata.tif")), "entirely nodata"),
+    # click's ranges let nan through (every comparison with nan is false): the settings catch it, by option name
+    "temperature nan": (lambda f: _args(_ms(f), "--temperature", "nan"), "--temperature must be a finite number > 0"),
+    "attn-lambda nan": (lambda f: _args(_ms(f), "--attn-lambda", "nan"), r"--attn-lambda must be in \[0, 1\]"),
+    "prob-thd nan": (lambda f: _args(_ms(f), "--prob-thd", "nan"), r"--prob-thd must be in \[0, 1\]"),
+    "odd model resolution": (lambda f: _args(_ms(f), "--model-res", "17"), "--model-res must be an even number"),
+    "zero batch": (lambda f: _args(_ms(f), "--batch-size", "0"), "--batch-size must be >= 1 tile.*--batch-size 8"),
+    "output is a folder": (lambda f: _args(_ms(f), output=str(_made(f / "maps"))), "--output .*maps is a folder"),
 }
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir()
+    return folder
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
@@ -460,3 +472,12 @@ def test_gcp_georeferencing_is_kept_in_every_output(tmp_path: Path) -> None:
     assert {row["area_unit"] for row in report["classes"]} == {"m2"}
     with fiona.open(tmp_path / "v.gpkg") as layer:
         assert layer.crs and next(iter(layer))["geometry"]["coordinates"][0][0][0][0] > 1000  # metres, not px
+
+
+def test_run_too_large_for_memory_stops_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory check runs before the work folder is made: one line naming the options, nothing left."""
+    from coninfer import memory
+
+    monkeypatch.setattr(memory, "available_host_memory", lambda: 1024)
+    _assert_fails_cleanly(tmp_path, _args(_ms(tmp_path)), "--tile-size .* with --batch-size .* of host memory")
+    assert not (tmp_path / "work").exists()

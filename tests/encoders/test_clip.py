@@ -57,8 +57,8 @@ class TestDenseCLIPSettings:
                                                                                        attn_lambda)
 
     @pytest.mark.parametrize(("kwargs", "field"), [
-        ({"variant": "unet"}, "variant"), ({"attn_lambda": 1.5}, "attn_lambda"),
-        ({"attn_lambda": float("nan")}, "attn_lambda"), ({"ignore_residual": "yes"}, "ignore_residual"),
+        ({"variant": "unet"}, "variant"), ({"attn_lambda": 1.5}, "--attn-lambda"),
+        ({"attn_lambda": float("nan")}, "--attn-lambda"), ({"ignore_residual": "yes"}, "ignore_residual"),
     ])
     def test_invalid_fields_named(self, kwargs: dict, field: str) -> None:
         with pytest.raises(InputError, match=field):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,15 @@ class TestRpcs:
         rasters.rpc_uint8(tmp_path / "r.tif")
         georef = open_scene(tmp_path / "r.tif").georef
         assert georef.kind == "rpcs" and georef.rpcs.lat_off == rasters.RPCS.lat_off
-        assert georef.area_unit == "pixel"  # RPCs give no affine grid: areas in pixels
+        # the RPCs are affine here: lon = 6.96 + (col - 37) * 0.01 / 38, lat = 50.94 - (row - 26) * 0.01 / 27,
+        # which the fit to the model's ground points must recover, in WGS 84. RPC line/sample numbers count pixel
+        # centres from 0, GDAL's grid counts pixel corners, hence the half pixel: column 37 of the RPCs is 37.5 here
+        transform = georef.grid_transform
+        assert georef.ground_crs.to_epsg() == 4326 and georef.crs is None and georef.area_unit == "m2"
+        np.testing.assert_allclose(transform[:6], [0.01 / 38, 0, 6.96 - 37.5 * 0.01 / 38,
+                                                   0, -0.01 / 27, 50.94 + 26.5 * 0.01 / 27], rtol=0, atol=1e-9)
+        width = 0.01 / 38 * math.radians(1) * 6378137 * math.cos(math.radians(50.94))  # m, spherical estimate
+        assert georef.pixel_area == pytest.approx(width * 0.01 / 27 * 111_250, rel=0.01)
         _, _, _, rpcs = _write_and_reopen(georef, tmp_path / "out.tif")
         assert rpcs is not None and rpcs.samp_num_coeff == rasters.RPCS.samp_num_coeff
         assert rpcs.long_off == rasters.RPCS.long_off

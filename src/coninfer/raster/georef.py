@@ -9,21 +9,23 @@ A raster is placed on the ground by one of:
 
 :class:`Georef` keeps whichever the input has, so outputs created from :meth:`Georef.profile` carry the same,
 and computes areas on :attr:`Georef.grid_transform`: the geotransform, else the affine transform fitted to the
-GCPs (``rasterio.transform.from_gcps``, least squares), else the identity (areas in pixels; RPCs alone give
-no affine grid: orthorectify the scene for areas in m²).
+GCPs (``rasterio.transform.from_gcps``, least squares), else the same fit to points the RPC model places on
+the ground (lon/lat in WGS 84 at the model's height offset: an RPC model maps to WGS 84 by definition), else
+the identity (areas in pixels).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from affine import Affine
 from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
 from rasterio.rpc import RPC
-from rasterio.transform import from_gcps
+from rasterio.transform import RPCTransformer, from_gcps
 from rasterio.windows import Window
 
 from coninfer.raster import geodesy
@@ -63,13 +65,35 @@ class Georef:
             return "geotransform"
         return "gcps" if self.gcps else "rpcs" if self.rpcs is not None else "none"
 
-    @property
+    @cached_property
     def grid_transform(self) -> Affine:
-        """Affine pixel -> map transform behind areas and resolution: the geotransform, else the
-        least-squares fit to the GCPs, else the identity."""
-        if not self.has_geotransform and self.gcps:
+        """Affine pixel -> map transform behind areas, resolution and vectors: the geotransform, else the
+        least-squares fit to the GCPs, else the fit to ground points of the RPC model, else the identity."""
+        if self.has_geotransform:
+            return self.transform
+        if self.gcps:
             return from_gcps(list(self.gcps))
+        if self.rpcs is not None:
+            return from_gcps(self._rpc_points())
         return self.transform
+
+    @property
+    def ground_crs(self) -> CRS | None:
+        """CRS of :attr:`grid_transform`'s coordinates: :attr:`crs`, or WGS 84 for a raster placed by RPCs
+        alone (the output files carry the RPCs, not this CRS)."""
+        if self.crs is None and self.rpcs is not None and not self.has_geotransform and not self.gcps:
+            return CRS.from_epsg(4326)
+        return self.crs
+
+    def _rpc_points(self, steps: int = 5) -> list[GroundControlPoint]:
+        """A steps x steps grid of pixel corners placed by the RPC model at its height offset."""
+        rows = np.linspace(0, self.height, steps)
+        cols = np.linspace(0, self.width, steps)
+        grid_rows, grid_cols = (values.ravel() for values in np.meshgrid(rows, cols, indexing="ij"))
+        with RPCTransformer(self.rpcs) as transformer:
+            xs, ys = transformer.xy(grid_rows, grid_cols, zs=self.rpcs.height_off, offset="ul")
+        return [GroundControlPoint(row=float(r), col=float(c), x=float(x), y=float(y))
+                for r, c, x, y in zip(grid_rows, grid_cols, xs, ys, strict=True)]
 
     @property
     def res(self) -> tuple[float, float]:
@@ -80,22 +104,22 @@ class Georef:
     @property
     def is_projected(self) -> bool:
         """True when the CRS is projected, so areas can be given in m²."""
-        return self.crs is not None and self.crs.is_projected
+        return self.ground_crs is not None and self.ground_crs.is_projected
 
     @property
     def linear_units(self) -> str | None:
         """Name of the projected CRS's linear unit ("metre", "US survey foot"), None otherwise."""
-        return self.crs.linear_units_factor[0] if self.is_projected else None
+        return self.ground_crs.linear_units_factor[0] if self.is_projected else None
 
     @property
     def metres_per_unit(self) -> float | None:
         """Length of one projected CRS unit in metres (0.3048... for feet), None when not projected."""
-        return self.crs.linear_units_factor[1] if self.is_projected else None
+        return self.ground_crs.linear_units_factor[1] if self.is_projected else None
 
     @property
     def is_geographic(self) -> bool:
         """True when the CRS is longitude/latitude, so a pixel's area in m² depends on its latitude."""
-        return self.crs is not None and self.crs.is_geographic
+        return self.ground_crs is not None and self.ground_crs.is_geographic
 
     @property
     def area_unit(self) -> str:
@@ -127,8 +151,8 @@ class Georef:
         """
         if not self.is_geographic:
             return np.full((1, 1), self.pixel_area)
-        axis, e2 = geodesy.ellipsoid(self.crs)
-        scale = geodesy.radians_per_unit(self.crs)
+        axis, e2 = geodesy.ellipsoid(self.ground_crs)
+        scale = geodesy.radians_per_unit(self.ground_crs)
         a, b, _, d, e, f = self.grid_transform[:6]
         rows = window.row_off + np.arange(int(window.height), dtype=np.float64)
         if d == 0:  # latitude = f + e * row: exact zone area between the pixel's top and bottom edges

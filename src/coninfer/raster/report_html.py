@@ -40,14 +40,17 @@ _AREA_UNITS = {"m2": "m²", "map_unit2": "map units²", "pixel": "px"}
 
 
 def georeference(georef: Georef) -> dict:
-    """The georeference of a scene as report fields: ``crs`` (authority string or WKT, None), ``size``,
+    """The georeference of a scene as report fields: ``placement`` (:attr:`Georef.kind`), ``crs`` (authority
+    string or WKT, None; WGS 84 for RPCs), ``size``,
     ``transform`` in affine's order ``[a, b, c, d, e, f]`` (x = a * col + b * row + c, y = d * col + e * row + f),
     ``pixel_size`` ``[x, y]`` and ``bounds`` ``[left, bottom, right, top]`` in CRS units."""
-    transform = georef.transform
+    transform = georef.grid_transform  # fitted to the GCPs or the RPC model when the raster has no geotransform
     xs = [transform.c + transform.a * x + transform.b * y for x, y in _corners(georef)]
     ys = [transform.f + transform.d * x + transform.e * y for x, y in _corners(georef)]
+    crs = georef.ground_crs
     return {
-        "crs": georef.crs.to_string() if georef.crs else None,
+        "placement": georef.kind,
+        "crs": crs.to_string() if crs else None,
         "size": {"width": georef.width, "height": georef.height},
         "transform": [float(v) for v in transform[:6]],
         "pixel_size": list(georef.res),
@@ -135,7 +138,11 @@ def _class_table(classes: list[Mapping], colors: Sequence[Color]) -> str:
 def _georeference(summary: Mapping) -> str:
     georef = dict(summary.get("georeference") or {})
     size = georef.get("size") or summary.get("size") or {}
+    placement = {"gcps": "ground control points (transform fitted to them)",
+                 "rpcs": "RPC model (transform fitted to it, WGS 84)", "none": "none (pixel coordinates)",
+                 "geotransform": "geotransform"}.get(georef.get("placement", ""), "")
     fields = {
+        "placed by": placement,
         "CRS": georef.get("crs", summary.get("crs")) or "none (pixel coordinates)",
         "size (px)": f"{size.get('width', '?')} × {size.get('height', '?')}" if size else "",
         "transform (a, b, c, d, e, f)": _numbers(georef.get("transform") or summary.get("transform")),

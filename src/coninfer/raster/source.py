@@ -112,9 +112,14 @@ def open_error(path: str | Path, error: RasterioError) -> InputFileError:
             f"cannot open {path}: {reason}",
             hint="check the URL, the network and, for s3:// or gs://, the credentials in the environment",
         )
+    if is_virtual(path):
+        return InputFileError(
+            f"cannot read {path} as a raster: {reason}",
+            hint="check the GDAL virtual path: the archive exists and holds that member (e.g. /vsizip/a.zip/b.tif)",
+        )
     return InputFileError(
         f"cannot read {path} as a raster: {reason}",
-        hint="pass a GeoTIFF, PNG or JPEG file and check that it is complete",
+        hint="pass a raster GDAL reads (GeoTIFF, JPEG2000, VRT, PNG, ...) and check that it is complete",
     )
 
 

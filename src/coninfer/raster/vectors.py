@@ -58,9 +58,12 @@ def write_vectors(
             gcps, gcp_crs = src.gcps
             crs = src.crs if src.crs else (gcp_crs if gcps else None)
             # a GCP-georeferenced class map: polygons in the GCPs' CRS, through their fitted transform
-            georef = Georef(src.width, src.height, crs, src.transform, gcps=tuple(gcps) if gcps else ())
-            # GDAL polygonizes a band in its dataset's own geotransform (identity for GCPs): those read the array
-            band = rasterio.band(src, 1) if georef.has_geotransform or not georef.gcps else src.read(1)
+            georef = Georef(src.width, src.height, crs, src.transform, gcps=tuple(gcps) if gcps else (),
+                            rpcs=src.rpcs)
+            # GDAL polygonizes a band in its dataset's own geotransform (identity for GCPs and RPCs): those
+            # read the array
+            placed = georef.has_geotransform or not (georef.gcps or georef.rpcs)
+            band = rasterio.band(src, 1) if placed else src.read(1)
             parts = _polygons_by_class(band, georef, len(class_names))
     schema = {
         "geometry": "MultiPolygon",
@@ -70,7 +73,7 @@ def write_vectors(
     layer = re.sub(r"\W", "_", layer or path.stem)  # GPKG layer names allow no dots or spaces
     with (
         write.atomic_path(path) as temporary,
-        fiona.open(temporary, "w", driver=driver, schema=schema, crs=georef.crs, layer=layer) as sink,
+        fiona.open(temporary, "w", driver=driver, schema=schema, crs=georef.ground_crs, layer=layer) as sink,
     ):
         for class_id, polygons in sorted(parts.items()):
             area = sum(_polygon_area(rings, georef) for rings in polygons)
@@ -99,7 +102,7 @@ def _polygon_area(rings: list, georef: Georef) -> float:
     for ring in rings:
         xy = np.asarray(ring, dtype=np.float64)
         if georef.is_geographic:
-            areas.append(geodesy.ring_area(xy, georef.crs))
+            areas.append(geodesy.ring_area(xy, georef.ground_crs))
             continue
         x, y = xy[:, 0], xy[:, 1]
         areas.append(0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))

@@ -267,6 +267,8 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "prob-thd nan": (lambda f: _args(_ms(f), "--prob-thd", "nan"), r"--prob-thd must be in \[0, 1\]"),
     "odd model resolution": (lambda f: _args(_ms(f), "--model-res", "17"), "--model-res must be an even number"),
     "zero batch": (lambda f: _args(_ms(f), "--batch-size", "0"), "--batch-size must be >= 1 tile.*--batch-size 8"),
+    "segearth-ov prior without weights": (lambda f: _args(_ms(f), "--prior", "segearth-ov"),
+                                          "--prior segearth-ov needs --upsampler .*simfeatup-clip-b16"),
     "output is a folder": (lambda f: _args(_ms(f), output=str(_made(f / "maps"))), "--output .*maps is a folder"),
 }
 

@@ -55,8 +55,9 @@ def method_options(*, lambda_default_help: str):
         click.option("--prior", type=click.Choice(PRIORS), default=_DEFAULTS.prior, show_default=True,
                      help="The per-patch prior: the dense CLIP, or SegEarth-OV (SimFeatUp-upsampled, [CLS]-debiased, "
                           "pooled to the patch grid: the paper's +SegEarth-OV rows; needs --upsampler)."),
-        click.option("--upsampler", help="SimFeatUp weights for --prior segearth-ov: a local .ckpt/.safetensors "
-                                         "or a hub file owner/repo/file.ckpt."),
+        click.option("--upsampler", help="SimFeatUp weights for --prior segearth-ov: a preset (simfeatup-clip-b16; "
+                                         "tiny-random offline), a local .ckpt/.safetensors or a hub file "
+                                         "owner/repo/file.ckpt (`coninfer models list`)."),
     )
 
 

@@ -93,7 +93,8 @@ def segment(input_path: str, output: Path, classes_text: str | None, classes_fil
     if context == "none":
         method = "baseline"  # the prior alone: the VFM would be loaded and run for nothing
     if prior == "segearth-ov" and not upsampler:
-        raise InputError("--prior segearth-ov needs --upsampler", hint="pass the SimFeatUp weights (.ckpt)")
+        raise InputError("--prior segearth-ov needs --upsampler", hint="pass --upsampler simfeatup-clip-b16 (SegEarth-OV's weights), a SimFeatUp .ckpt path, "
+                         "or tiny-random for an offline smoke run")
     settings = InferenceSettings().with_values(model_res=model_res, method=method, features=vfm_features, prior=prior,
                                                temperature=temperature, iterations=iterations, prob_thd=prob_thd,
                                                bg_index=bg_index)

@@ -382,3 +382,39 @@ def test_eval_command_under_torchrun_writes_the_single_process_json(tmp_path, mo
     assert two.returncode == 0, two.stderr[-2000:]
     assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
     assert two.stdout == one.output  # the table, printed once (by rank 0)
+
+
+@pytest.mark.slow
+def test_segment_command_under_torchrun_writes_the_single_process_bytes(tmp_path, monkeypatch):
+    """`torchrun -m coninfer segment` with 2 processes (tiles, solver chunks and stitch bands shared out) writes
+    the class map, probabilities and report counts of 1 process; rank 0 alone prints the summary."""
+    from tests import scenes
+
+    scenes.rgb(tmp_path / "scene.tif", scenes.random_rgb(100, 120, seed=7))
+    monkeypatch.setenv("CONINFER_CACHE", str(tmp_path / "cache"))
+
+    def args(tag: str) -> list[str]:
+        return ["segment", str(tmp_path / "scene.tif"), "-o", str(tmp_path / f"{tag}.tif"), "--classes",
+                scenes.CLASSES, "--vlm", "tiny-random", "--vfm", "tiny-random", "--device", "cpu", "--precision",
+                "fp32", "--tile-size", "32", "--overlap", "4", "--model-res", "32", "--batch-size", "2",
+                "--probabilities", str(tmp_path / f"{tag}_p.tif"), "--workdir", str(tmp_path / f"work-{tag}")]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the same float rounding
+    try:
+        one = CliRunner().invoke(main, [*args("one"), "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    assert one.exit_code == 0, one.output
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in LAUNCH_ENV:
+        env.pop(name, None)
+    two = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "coninfer", *args("two")],
+                         env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for suffix in (".tif", "_p.tif"):
+        assert (tmp_path / f"two{suffix}").read_bytes() == (tmp_path / f"one{suffix}").read_bytes(), suffix
+    reports = [json.loads((tmp_path / f"{tag}.json").read_text()) for tag in ("one", "two")]
+    assert reports[0]["classes"] == reports[1]["classes"]
+    assert two.stdout.count("wrote ") == 1  # the summary, once

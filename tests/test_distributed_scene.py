@@ -1,8 +1,9 @@
 """The scene path under torch.distributed: 2 and 3 Gloo processes segment one scene into the class map one process
 writes, byte for byte, for the scene context (one mixture fitted by all ranks over their shares of chunks) and the
 batch context (whole contexts shared out); and a store left by an interrupted one-process run is finished by
-several ranks. Each world size is launched once (torch.multiprocessing spawn, TCP rendezvous on localhost); every
-join and collective has a timeout, so a broken test fails, never hangs.
+several ranks, and a two-rank run whose rank 1 kills itself mid-encode is finished by one process. Each world
+size is launched once (torch.multiprocessing spawn, TCP rendezvous on localhost); every join and collective has a
+timeout, so a broken test fails, never hangs.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import rasterio
 import torch
 from tests import scenes
 from tests.test_distributed import free_port, spawn
+from torch.multiprocessing import ProcessExitedException
 
 from coninfer import distributed
+from coninfer.pipeline import STOP_AFTER_BATCHES_ENV
 from coninfer.prompts import ClassList
 from coninfer.segmenter import Segmenter
 from coninfer.settings import InferenceSettings, SceneOptions
@@ -55,6 +58,20 @@ def worker(rank: int, world: int, port: int, folder: str) -> None:
         reports = {name: _segment(segmenter, out, name, f"world{world}") for name in CASES}
         reports["resumed"] = _segment(segmenter, out, "scene", f"resume{world}")
         (out / f"reports-{rank}.json").write_text(json.dumps(reports))
+    finally:
+        distributed.teardown()
+
+
+def killed_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """Rank 1 kills itself (SIGKILL) after recording its first encode batch: the spawner then stops the others."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    if rank == 1:
+        os.environ[STOP_AFTER_BATCHES_ENV] = "1"
+    torch.set_num_threads(1)
+    distributed.setup("cpu", timeout=timedelta(seconds=90))
+    try:
+        _segment(_segmenter(Path(folder) / "text"), Path(folder), "scene", "killed")
     finally:
         distributed.teardown()
 
@@ -109,3 +126,15 @@ def test_ranks_write_the_one_process_outputs(folder: Path, world: int) -> None:
     resumed = reports[0]["resumed"]["tiles"]
     assert 0 < resumed["resumed_from"] < resumed["total"]  # two batches from the one-process run, the rest shared
     assert _bytes(folder / f"scene-resume{world}.tif") == _bytes(folder / "scene-single.tif")
+
+
+def test_a_rank_killed_mid_encode_resumes_with_another_world_size(folder: Path) -> None:
+    with pytest.raises(ProcessExitedException):
+        spawn(killed_worker, (2, free_port(), str(folder)), 2, JOIN_TIMEOUT_S)
+    assert not (folder / "scene-killed.tif").exists()
+    with scenes.one_thread():
+        report = _segment(_segmenter(folder / "text"), folder, "scene", "killed")  # world size 1 now
+    tiles = report["tiles"]
+    assert 0 < tiles["resumed_from"] < tiles["total"]  # the kill came mid-encode; what was recorded is kept
+    assert _bytes(folder / "scene-killed.tif") == _bytes(folder / "scene-single.tif")
+    assert _bytes(folder / "scene-killed_p.tif") == _bytes(folder / "scene-single_p.tif")

@@ -20,14 +20,28 @@ from rasterio.errors import RasterioIOError
 
 import scenes
 from coninfer.errors import InputError, InputFileError, OutputError, ResourceError
-from coninfer.pipeline import scene_grid
+from coninfer.pipeline import (
+    ArrayScene,
+    MemoryEmbeddings,
+    MemoryStore,
+    array_reader,
+    encode_scene,
+    prior_scene,
+    read_spooled,
+    scene_grid,
+    solve_store,
+    spool_blocks,
+    stitch_scene,
+)
 from coninfer.postprocess import class_probabilities, patches_to_grid
 from coninfer.prompts import ClassList
 from coninfer.raster import read
+from coninfer.raster.tiles import BandStitcher
 from coninfer.segmenter import Segmenter
 from coninfer.settings import InferenceSettings, SceneOptions
 from coninfer.solver import refine
 from coninfer.store import EmbeddingStore, TileStore, locked_folder
+from coninfer.tile_file import StoreCorruptError
 from coninfer.tile_step import Models, encode_tiles, load_models
 
 TILE = 32
@@ -165,6 +179,74 @@ class TestSeams:
             steps = _steps(probs, axis)
             border = [start - 1 for start in starts]
             assert steps[border].min() > 10 * np.delete(steps, border).max()
+
+
+class TestBandStitch:
+    """Ranks stitch disjoint bands of tile rows; the bands' blocks, in order, are the whole pass's bit for bit."""
+
+    @staticmethod
+    def _solved(models: Models, image: np.ndarray, valid: np.ndarray, options: SceneOptions):
+        scene = ArrayScene(image, valid)
+        grid = scene_grid(scene.width, scene.height, options)
+        patches = models.grid_size(SETTINGS.model_res) ** 2
+        embeddings = MemoryEmbeddings(len(grid), patches)
+        store = MemoryStore(len(grid), patches, len(models.classes.queries), embeddings)
+        reader = array_reader(scene)
+        read_tile = reader.__enter__()
+        encode_scene(models, SETTINGS, read_tile, grid, embeddings, batch_size=4)
+        prior_scene(models, SETTINGS, read_tile, grid, store, batch_size=4)
+        solve_store(store, SETTINGS, options, device=models.device)
+        return grid, store, read_tile
+
+    @staticmethod
+    def _flat(blocks) -> list[tuple]:
+        return [(tuple(b.window.flatten()), b.labels.tobytes(), b.probs.tobytes(), b.valid.tobytes()) for b in blocks]
+
+    @pytest.mark.parametrize("overlap", [0, 10])
+    def test_bands_equal_the_whole_pass(self, models: Models, overlap: int, tmp_path: Path) -> None:
+        image = scenes.random_rgb(5 * TILE - 20, 2 * TILE + 7, seed=6)
+        valid = np.ones(image.shape[:2], bool)
+        valid[40:70, 5:50] = False  # a hole: varying weights across a band edge
+        valid[: TILE + 5] = False  # the first tile row entirely empty (no tile added)
+        grid, store, read_tile = self._solved(models, image, valid, SceneOptions(tile_size=TILE, overlap=overlap))
+        assert grid.n_rows >= 5 and store.empty_tiles()
+        whole = self._flat(stitch_scene(models, SETTINGS, read_tile, grid, store))
+        for cuts in ([0, 2, grid.n_rows], [0, 1, 3, 3, grid.n_rows], [0, 0, grid.n_rows - 1, grid.n_rows]):
+            bands = [range(start, stop) for start, stop in zip(cuts, cuts[1:], strict=False)]
+            parts = [self._flat(stitch_scene(models, SETTINGS, read_tile, grid, store, rows=band)) for band in bands]
+            assert [block for part in parts for block in part] == whole, cuts
+            # the same through the spools rank 0 reads back
+            paths = [tmp_path / f"rank{rank}.bin" for rank in range(len(bands))]
+            for band, path in zip(bands, paths, strict=True):
+                spool_blocks(stitch_scene(models, SETTINGS, read_tile, grid, store, rows=band), path)
+            assert self._flat(read_spooled(paths, len(models.classes.names))) == whole
+
+    def test_without_the_warm_up_row_the_band_edge_differs(self, models: Models) -> None:
+        """The control: a band that skipped the row before would miss the overlap's other half."""
+        image = scenes.random_rgb(3 * TILE, 2 * TILE, seed=6)
+        grid, store, read_tile = self._solved(models, image, np.ones(image.shape[:2], bool),
+                                              SceneOptions(tile_size=TILE, overlap=10))
+        whole = self._flat(stitch_scene(models, SETTINGS, read_tile, grid, store))
+        stitcher = BandStitcher(grid, len(models.classes.names), first_row=1)
+        cold = []
+        for index in range(grid.n_cols, len(grid)):
+            probs = class_probabilities(patches_to_grid(torch.from_numpy(store.z[index]), 2, 2), (TILE, TILE),
+                                        models.classes.query_to_class, SETTINGS.post.logit_scale)[0].numpy()
+            cold += self._flat(stitcher.add(index, probs))
+        first = len(whole) - len(cold)
+        assert cold[0][0] == whole[first][0] and cold[0][2] != whole[first][2]
+
+    def test_damaged_spool_names_the_work_folder(self, models: Models, tmp_path: Path) -> None:
+        image = scenes.random_rgb(2 * TILE, TILE, seed=6)
+        grid, store, read_tile = self._solved(models, image, np.ones(image.shape[:2], bool), SceneOptions(TILE))
+        path = tmp_path / "rank0.bin"
+        assert spool_blocks(stitch_scene(models, SETTINGS, read_tile, grid, store), path) == 2
+        path.write_bytes(path.read_bytes()[:-1])
+        with pytest.raises(StoreCorruptError, match="stitch spool rank0.bin is shorter"):
+            list(read_spooled([path], len(models.classes.names)))
+        (tmp_path / "rank0.bin.json").unlink()
+        with pytest.raises(StoreCorruptError, match="rank0.bin.json is missing"):
+            list(read_spooled([path], len(models.classes.names)))
 
 
 class TestSegmentArray:

@@ -24,17 +24,19 @@ Tiles are read through a :class:`TileReader`: a raster file (:func:`file_reader`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from coninfer import distributed
+from coninfer import _fs, distributed
 from coninfer.distributed import Dist
 from coninfer.errors import InputError, InputFileError, ResourceError
 from coninfer.postprocess import class_probabilities, patches_to_grid
@@ -322,31 +324,86 @@ def solve_context(store, tiles: Sequence[int], settings: InferenceSettings, chun
 
 
 def stitch_scene(models: Models, settings: InferenceSettings, read_tile: TileReader, grid: TileGrid, store, *,
-                 progress: bool = False) -> Iterator[StitchedBlock]:
-    """Pass 3: final blocks (window, labels, probs, valid) band by band, in row order. Each tile's validity is
-    read again (one tile ahead, in a worker thread, while this one's probabilities are computed)."""
+                 rows: range | None = None, progress: bool = False) -> Iterator[StitchedBlock]:
+    """Pass 4: final blocks (window, labels, probs, valid) band by band, in row order. Each tile's validity is
+    read again (one tile ahead, in a worker thread, while this one's probabilities are computed).
+
+    ``rows`` (default: all): only the blocks that these tile rows finish, a rank's share of a multi-process
+    stitch. The tiles of the row before are added first and their blocks dropped, so every pixel sums the same
+    tiles in the same order as in a whole-scene pass: the blocks are bit for bit the same."""
     from tqdm import tqdm
 
-
+    rows = range(grid.n_rows) if rows is None else rows
+    if not rows:
+        return
+    first_row = grid.warm_up_row(rows.start)
+    tiles = range(first_row * grid.n_cols, rows.stop * grid.n_cols)
     side = models.grid_size(settings.model_res)
     empty = set(store.empty_tiles())
-    stitcher = BandStitcher(grid, len(models.classes.names))
+    stitcher = BandStitcher(grid, len(models.classes.names), first_row=first_row)
     post = settings.post
-    bar = tqdm(total=len(grid), unit="tile", disable=not progress, desc="stitch", dynamic_ncols=True)
-    reads = read_ahead(read_tile, (grid.window(index) for index in range(len(grid)) if index not in empty))
+    bar = tqdm(total=len(tiles), unit="tile", disable=not progress, desc="stitch", dynamic_ncols=True)
+    reads = read_ahead(read_tile, (grid.window(index) for index in tiles if index not in empty))
     try:
-        for index in range(len(grid)):
+        for index in tiles:
             probs = valid = None
             if index not in empty:
                 z = torch.from_numpy(store.z[index]).to(models.device)  # (P, K)
                 probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
                                             models.classes.query_to_class, post.logit_scale)[0].cpu().numpy()
                 _, valid = next(reads)
-            yield from stitcher.add(index, probs, valid, prob_thd=post.prob_thd, bg_index=post.bg_index)
+            blocks = stitcher.add(index, probs, valid, prob_thd=post.prob_thd, bg_index=post.bg_index)
+            if index // grid.n_cols in rows:
+                yield from blocks
+            else:
+                for _ in blocks:  # the warm-up row: its blocks belong to the rank before
+                    pass
             bar.update(1)
     finally:
         reads.close()
         bar.close()
+
+
+def spool_blocks(blocks: Iterable[StitchedBlock], path: Path) -> int:
+    """Write ``blocks`` to ``path`` (raw labels, validity and float32 probabilities, block after block) and
+    its index ``path.json`` last, atomically: a spool without its index is unfinished. Returns the count.
+
+    A multi-process stitch spools each rank's band in the work folder; rank 0 reads the bands back in order
+    (:func:`read_spooled`) into the single writers of the outputs. Disk: (1 + 1 + 4 C) bytes per pixel, removed
+    after the outputs are written."""
+    entries = []
+    with open(path, "wb") as file:
+        for block in blocks:
+            window = block.window
+            entries.append([int(window.col_off), int(window.row_off), int(window.width), int(window.height)])
+            for array in (block.labels.astype(np.uint8, copy=False), block.valid.astype(np.uint8, copy=False),
+                          block.probs.astype(np.float32, copy=False)):
+                file.write(np.ascontiguousarray(array).tobytes())
+    _fs.atomic_write_text(path.with_name(path.name + ".json"), json.dumps({"blocks": entries}))
+    return len(entries)
+
+
+def read_spooled(paths: Sequence[Path], num_classes: int) -> Iterator[StitchedBlock]:
+    """The blocks of the spools ``paths`` (written by :func:`spool_blocks`), in order, one block in memory."""
+    from rasterio.windows import Window
+
+    for path in paths:
+        index = path.with_name(path.name + ".json")
+        try:
+            entries = json.loads(index.read_text())["blocks"]
+        except (OSError, ValueError, KeyError) as error:
+            raise StoreCorruptError(path.parent, f"the stitch spool {index.name} is missing or damaged ({error})") \
+                from error
+        with open(path, "rb") as file:
+            for col, row, width, height in entries:
+                area = width * height
+                labels, valid = np.fromfile(file, np.uint8, area), np.fromfile(file, np.uint8, area)
+                probs = np.fromfile(file, np.float32, num_classes * area)
+                if probs.size != num_classes * area:  # a short read leaves the later arrays short
+                    raise StoreCorruptError(path.parent, f"the stitch spool {path.name} is shorter than its index")
+                yield StitchedBlock(window=Window(col, row, width, height), labels=labels.reshape(height, width),
+                                    probs=probs.reshape(num_classes, height, width),
+                                    valid=valid.reshape(height, width).astype(bool))
 
 
 def patch_validity(valid: np.ndarray, side: int) -> np.ndarray:

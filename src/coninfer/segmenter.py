@@ -32,8 +32,10 @@ from coninfer.pipeline import (
     encode_scene,
     file_reader,
     prior_scene,
+    read_spooled,
     scene_grid,
     solve_store,
+    spool_blocks,
     stitch_scene,
 )
 from coninfer.prompts import ClassList
@@ -186,7 +188,8 @@ class Segmenter:
              resume: bool, progress: bool, started: float, overwrite: bool, colors: list,
              dist: distributed.Dist) -> dict | None:
         """The passes; with several ranks each encodes and priors its share of the missing tiles (the lists
-        come from rank 0, so every rank splits the same list), all solve, and rank 0 stitches and writes."""
+        come from rank 0, so every rank splits the same list), all solve, each stitches its band of tile rows
+        into a spool in the query folder, and rank 0 writes the outputs from the spools in row order."""
         grid = scene_grid(scene.width, scene.height, options)
         timings: dict[str, float] = {}
         store = self._open_store(folder, queries, len(grid), resume=resume, source=scene.path, dist=dist)
@@ -210,9 +213,15 @@ class Segmenter:
                 tick = time.perf_counter()
                 solve_store(store, self.settings, options, device=self.models.device, dist=dist)
                 timings["solve_s"] = time.perf_counter() - tick
-                if not dist.is_main:
-                    return None
-                blocks = stitch_scene(self.models, self.settings, read_tile, grid, store, progress=progress)
+                spool = queries / "stitch"
+                if dist.grouped:
+                    self._stitch_band(read_tile, grid, store, spool, progress=progress, dist=dist)
+                    if not dist.is_main:
+                        return None
+                    paths = [spool / f"rank{rank:05d}.bin" for rank in range(dist.world_size)]
+                    blocks = read_spooled(paths, len(self.class_names))
+                else:
+                    blocks = stitch_scene(self.models, self.settings, read_tile, grid, store, progress=progress)
 
                 def summarize(counts: np.ndarray, areas: np.ndarray) -> dict:
                     timings["total_s"] = time.perf_counter() - started
@@ -222,6 +231,25 @@ class Segmenter:
                                      overwrite=overwrite)
         finally:
             store.close()
+            if dist.is_main:
+                shutil.rmtree(queries / "stitch", ignore_errors=True)
+
+    def _stitch_band(self, read_tile, grid, store: TileStore, spool: Path, *, progress: bool,
+                     dist: distributed.Dist) -> None:
+        """This rank's band of tile rows (:func:`distributed.band_of`) stitched into ``spool/rankNNNNN.bin``:
+        the stitching work and its memory are shared out, the outputs keep one writer. A spool left by a killed
+        run is replaced, not resumed (stitching redoes no model work)."""
+        if dist.is_main:
+            shutil.rmtree(spool, ignore_errors=True)
+            spool.mkdir(parents=True)
+        distributed.barrier(dist)
+        band = distributed.band_of(dist, grid.n_rows)
+        try:
+            spool_blocks(stitch_scene(self.models, self.settings, read_tile, grid, store, rows=band,
+                                      progress=progress), spool / f"rank{dist.rank:05d}.bin")
+        except OSError as error:
+            raise _fs.write_error(spool, error) from error
+        distributed.barrier(dist)
 
     def _open_store(self, folder: Path, queries: Path, num_tiles: int, *, resume: bool, source,
                     dist: distributed.Dist) -> TileStore:

@@ -91,6 +91,12 @@ class TileGrid:
     def __iter__(self) -> Iterator[Window]:
         return (self.window(i) for i in range(len(self)))
 
+    def warm_up_row(self, row: int) -> int:
+        """The first tile row reaching the pixels that tile row ``row`` finishes (``[row*s, (row+1)*s)``):
+        ``row - 1`` with overlap, whose last ``overlap`` rows fall there (overlap < s, so no row before), else
+        ``row``. A stitch of the rows from ``row`` on starts by adding the tiles of this row."""
+        return max(0, row - 1) if self.overlap else row
+
 
 def block_windows(width: int, height: int, block_size: int = 1024) -> Iterator[Window]:
     """Non-overlapping windows of at most ``block_size`` pixels a side covering the raster, row-major.
@@ -157,14 +163,19 @@ class BandStitcher:
         assert stitcher.done
     """
 
-    def __init__(self, grid: TileGrid, num_classes: int) -> None:
+    def __init__(self, grid: TileGrid, num_classes: int, *, first_row: int = 0) -> None:
+        """``first_row``: the tile row the first :meth:`add` belongs to (a share of the scene, see
+        :meth:`TileGrid.warm_up_row`); its rows start from an empty band, as rows whose earlier tiles cannot reach
+        them do in a whole-scene pass."""
         if not 1 <= num_classes <= NODATA_LABEL:
             raise ValueError(f"num_classes must be in 1..{NODATA_LABEL}, got {num_classes}")
+        if not 0 <= first_row <= grid.n_rows:
+            raise ValueError(f"first_row must be in 0..{grid.n_rows}, got {first_row}")
         self.grid = grid
         self.num_classes = num_classes
         self._weights = blend_weights(grid.tile_size, grid.overlap)
         self._band = np.zeros(self.band_shape, np.float32)
-        self._next_index = 0
+        self._next_index = first_row * grid.n_cols
         # tile row whose blocks add() returned but were not all consumed yet; the band moves on only after
         self._pending_row: int | None = None
 

@@ -9,6 +9,12 @@ it (the scene solve pass without the store). Times are wall seconds after a barr
 
 Prints, per world size N: seconds, speed-up T1 / TN, efficiency T1 / (N * TN), max |z - z_1| and the share of
 patches whose label differs from world size 1. Not a test.
+
+``--scene`` times the whole scene path instead (``Segmenter.segment_file``: encode, prior, solve, band stitch,
+COG writes) with the tiny random models on a synthetic ``--size`` px RGB GeoTIFF, from the call to the written
+class map (models loaded before the clock starts), and says whether the class map equals world size 1's::
+
+    python benchmarks/bench_distributed.py --scene --size 2048 --tile-size 256
 """
 
 from __future__ import annotations
@@ -72,14 +78,81 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         distributed.teardown()
 
 
+def write_scene(path: Path, size: int) -> None:
+    """A smooth random (size x size) RGB GeoTIFF, 0.5 m in UTM 32N, tiled and deflated like an orthophoto."""
+    import rasterio
+    from affine import Affine
+
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (3, size // 32 + 2, size // 32 + 2)).astype(np.float32)
+    index = np.arange(size) // 32
+    pixels = coarse[:, index][:, :, index] + rng.integers(-10, 10, (3, size, size))
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:25832",
+                       transform=Affine(0.5, 0, 356000, 0, -0.5, 5645000), tiled=True, compress="deflate") as dst:
+        dst.write(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def scene_worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    from coninfer.prompts import ClassList
+    from coninfer.segmenter import Segmenter
+    from coninfer.settings import InferenceSettings, SceneOptions
+    from coninfer.tile_step import load_models
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(args.threads)
+    dist = distributed.setup("cpu")
+    try:
+        models = load_models(ClassList.parse("building;road;tree;low vegetation;water"), vlm="tiny-random",
+                             vfm="tiny-random", device="cpu", precision="fp32", cache_dir=Path(out) / "text")
+        segmenter = Segmenter(models, InferenceSettings().with_values(model_res=448))
+        options = SceneOptions(tile_size=args.tile_size, overlap=args.tile_size // 8, batch_size=8)
+        distributed.barrier(dist)
+        began = time.perf_counter()
+        segmenter.segment_file(Path(args.scene_path), Path(out) / "classes.tif", options, workdir=Path(out) / "work",
+                               progress=False, dist=dist)
+        seconds = time.perf_counter() - began
+        slowest = max(distributed.all_gather_tensor(dist, torch.tensor([seconds], dtype=torch.float64)))
+        if dist.is_main:
+            (Path(out) / "seconds").write_text(str(float(slowest)))
+    finally:
+        distributed.teardown()
+
+
 def run(world: int, args: argparse.Namespace) -> tuple[float, np.ndarray]:
+    """Seconds of the slowest rank and the result: z (solver) or the class map's bytes (``--scene``)."""
     with tempfile.TemporaryDirectory() as out, socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         sock.close()
-        mp.start_processes(worker, args=(world, port, args, out), nprocs=world, start_method="spawn")
-        z = np.concatenate([np.load(Path(out) / f"z-{rank}.npy") for rank in range(world)])
-        return float((Path(out) / "seconds").read_text()), z
+        target = scene_worker if args.scene else worker
+        mp.start_processes(target, args=(world, port, args, out), nprocs=world, start_method="spawn")
+        if args.scene:
+            import rasterio
+
+            with rasterio.open(Path(out) / "classes.tif") as src:
+                result = src.read(1)
+        else:
+            result = np.concatenate([np.load(Path(out) / f"z-{rank}.npy") for rank in range(world)])
+        return float((Path(out) / "seconds").read_text()), result
+
+
+def main_scene(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        args.scene_path = str(Path(folder) / "scene.tif")
+        write_scene(Path(args.scene_path), args.size)
+        tiles = (1 + -(-(args.size - args.tile_size) // (args.tile_size - args.tile_size // 8))) ** 2
+        print(f"scene path: {args.size}^2 px, {tiles} tiles of {args.tile_size} px (overlap {args.tile_size // 8}), "
+              f"tiny random models at 448^2, {args.threads} thread(s) per process, best of {args.repeats}")
+        print(f"{'world':>5} {'seconds':>8} {'tiles/s':>8} {'speed-up':>8} {'efficiency':>10} {'class map':>12}")
+        reference: tuple[float, np.ndarray] | None = None
+        for world in args.worlds:
+            seconds, labels = min((run(world, args) for _ in range(args.repeats)), key=lambda item: item[0])
+            reference = reference or (seconds, labels)
+            same = "identical" if np.array_equal(labels, reference[1]) else "DIFFERS"
+            speedup = reference[0] / seconds
+            print(f"{world:>5} {seconds:>8.2f} {tiles / seconds:>8.1f} {speedup:>8.2f} {speedup / world:>10.2f} "
+                  f"{same:>12}")
 
 
 def main() -> None:
@@ -92,7 +165,13 @@ def main() -> None:
     parser.add_argument("--chunk-tiles", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per world size")
+    parser.add_argument("--scene", action="store_true", help="time the whole scene path instead of the solver")
+    parser.add_argument("--size", type=int, default=2048, help="--scene: the synthetic scene's side (px)")
+    parser.add_argument("--tile-size", type=int, default=256, help="--scene: tile size (px)")
     args = parser.parse_args()
+    if args.scene:
+        main_scene(args)
+        return
     print(f"N = {args.tiles} x {args.patches} patches, K = {args.queries}, D = {args.features}, "
           f"{args.threads} thread(s) per process, chunks of {args.chunk_tiles} tiles, best of {args.repeats}")
     print(f"{'world':>5} {'seconds':>8} {'speed-up':>8} {'efficiency':>10} {'max |dz|':>9} {'labels differ':>13}")

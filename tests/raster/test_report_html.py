@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasters
 from affine import Affine
 from PIL import Image
 from rasterio.crs import CRS
 
-from coninfer.raster import Georef, class_statistics
+from coninfer.raster import Georef, class_statistics, open_scene
 from coninfer.raster.report_html import georeference, report_html, write_report_html
 from coninfer.raster.style import class_colors, hex_color
 from coninfer.raster.write import write_preview
@@ -111,6 +112,21 @@ class TestStructure:
         summary = {**_summary(), "crs": None, "georeference": georeference(Georef(40, 30, None, Affine.identity()))}
         words = " ".join(_parse(report_html(summary)).text)
         assert "none (pixel coordinates)" in words and "40 × 30" in words
+
+    def test_placed_by_gcps_and_by_rpcs(self, tmp_path: Path) -> None:
+        """No geotransform: the report's bounds come from the grid fitted to the GCPs (their CRS) or to the RPC
+        model's ground points (WGS 84), and the page says which placed the raster."""
+        rasters.gcp_uint8(tmp_path / "g.tif")
+        rasters.rpc_uint8(tmp_path / "r.tif")
+        gcps, rpcs = (georeference(open_scene(tmp_path / name).georef) for name in ("g.tif", "r.tif"))
+        assert (gcps["placement"], gcps["crs"], rpcs["placement"], rpcs["crs"]) == ("gcps", "EPSG:25832", "rpcs",
+                                                                                    "EPSG:4326")
+        left, bottom, right, top = gcps["bounds"]
+        assert (left, top) == pytest.approx((346000.0, 5648000.0)) and right - left == pytest.approx(0.5 * rasters.WIDTH)
+        left, bottom, right, top = rpcs["bounds"]
+        assert 6.9 < left < right < 7.0 and 50.9 < bottom < top < 51.0  # around Köln, in degrees
+        words = " ".join(_parse(report_html({**_summary(), "crs": "EPSG:25832", "georeference": gcps})).text)
+        assert "ground control points" in words
 
 
 def _chromium() -> str | None:

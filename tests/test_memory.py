@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from coninfer import memory
 from coninfer.errors import ResourceError
@@ -169,3 +170,26 @@ def test_run_shape_of_the_tiny_models(tmp_path: Path) -> None:
                                                            models.clip.embed_dim)
     assert (vfm.out_dim, vfm.prefix_tokens) == (models.vfm.feature_dim, models.vfm.num_prefix_tokens)
     check_memory(shape)  # a 300 px scene fits on any machine that runs the tests
+
+
+def test_run_shape_of_a_plug_in_encoder_with_only_the_protocol(tmp_path: Path) -> None:
+    """A registered encoder need not wrap a transformers model: the estimate falls back to its output width."""
+    from coninfer.pipeline import scene_grid
+    from coninfer.prompts import ClassList
+    from coninfer.settings import InferenceSettings, SceneOptions
+    from coninfer.tile_step import load_models
+
+    class Bare(torch.nn.Module):  # the DenseEncoder protocol and nothing else
+        name, fingerprint, patch_size = "bare", "bare:1", 16
+
+        def dense_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(pixel_values.shape[0], (pixel_values.shape[-1] // 16) ** 2, 8)
+
+    models = load_models(ClassList.parse("building; road"), vlm="tiny-random", vfm="tiny-random", device="cpu",
+                         precision="fp32", cache_dir=tmp_path)
+    models.vfm = Bare()
+    settings, options = InferenceSettings().with_values(model_res=64), SceneOptions(tile_size=64)
+    shape = memory.run_shape(models, settings, scene_grid(128, 128, options), options)
+    vfm = shape.encoders[1]
+    assert (vfm.out_dim, vfm.width, vfm.prefix_tokens) == (memory._PLUGIN_WIDTH, memory._PLUGIN_WIDTH, 1)
+    check_memory(shape)

@@ -291,10 +291,13 @@ def run_shape(models: Any, settings: Any, grid: Any, options: Any, *, in_memory:
     (:class:`~coninfer.settings.InferenceSettings`) over ``grid`` (from ``pipeline.scene_grid``), cut as
     ``options`` (:class:`~coninfer.settings.SceneOptions`) says."""
     side = models.grid_size(settings.model_res)
-    encoders = [_encoder_shape(models.clip, side, models.clip.vision_config, models.clip.embed_dim, 1)]
+    clip_dim = int(models.query_embeddings.shape[-1])
+    encoders = [_encoder_shape(models.clip, side, _config(models.clip), clip_dim, 1)]
     if models.vfm is not None and settings.needs_vfm:
         vfm = models.vfm
-        encoders.append(_encoder_shape(vfm, side, vfm.model.config, vfm.feature_dim, vfm.num_prefix_tokens))
+        width = getattr(_config(vfm), "hidden_size", None)
+        out_dim = int(getattr(vfm, "feature_dim", None) or width or _PLUGIN_WIDTH)
+        encoders.append(_encoder_shape(vfm, side, _config(vfm), out_dim, int(getattr(vfm, "num_prefix_tokens", 1))))
     dtype_bytes = int(getattr(models.dtype, "itemsize", _F32))
     chunk = options.context_size if options.context == "batch" else options.solver_chunk_tiles
     return RunShape(tile_size=grid.tile_size, batch_size=options.batch_size, scene_width=grid.width,
@@ -302,6 +305,17 @@ def run_shape(models: Any, settings: Any, grid: Any, options: Any, *, in_memory:
                     num_queries=len(models.classes.queries), encoders=tuple(encoders), overlap=grid.overlap,
                     solver_chunk_tiles=max(chunk, options.solver_chunk_tiles), dtype_bytes=dtype_bytes,
                     on_cuda=str(models.device).startswith("cuda"), in_memory=in_memory)
+
+
+_PLUGIN_WIDTH = 1024
+"""Feature width assumed for a registered encoder that states none (ViT-L's: the large end of the presets)."""
+
+
+def _config(encoder: Any) -> Any:
+    """The transformers config sizing ``encoder``'s layers, or None: the encoder protocol asks only for
+    ``dense_features``, ``patch_size``, ``normalization``, ``name`` and ``fingerprint``, so a plug-in encoder
+    is estimated as a ViT as wide as its output."""
+    return getattr(encoder, "vision_config", None) or getattr(getattr(encoder, "model", None), "config", None)
 
 
 def _encoder_shape(encoder: Any, side: int, config: Any, out_dim: int, prefix_tokens: int) -> EncoderShape:

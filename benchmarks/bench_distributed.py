@@ -15,6 +15,7 @@ COG writes) with the tiny random models on a synthetic ``--size`` px RGB GeoTIFF
 class map (models loaded before the clock starts), and says whether the class map equals world size 1's::
 
     python benchmarks/bench_distributed.py --scene --size 2048 --tile-size 256
+    python benchmarks/bench_distributed.py --scene --device cuda --worlds 1 2 4 8 --size 16384 --tile-size 448
 """
 
 from __future__ import annotations
@@ -101,10 +102,11 @@ def scene_worker(rank: int, world: int, port: int, args: argparse.Namespace, out
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
-    dist = distributed.setup("cpu")
+    dist = distributed.setup(args.device)  # nccl and cuda:LOCAL_RANK for cuda, gloo on the CPU
     try:
-        models = load_models(ClassList.parse("building;road;tree;low vegetation;water"), vlm="tiny-random",
-                             vfm="tiny-random", device="cpu", precision="fp32", cache_dir=Path(out) / "text")
+        models = load_models(ClassList.parse("building;road;tree;low vegetation;water"), vlm=args.models,
+                             vfm=args.models, device=str(dist.device), precision=args.precision,
+                             cache_dir=Path(out) / "text")
         segmenter = Segmenter(models, InferenceSettings().with_values(model_res=448))
         options = SceneOptions(tile_size=args.tile_size, overlap=args.tile_size // 8, batch_size=8)
         distributed.barrier(dist)
@@ -143,7 +145,8 @@ def main_scene(args: argparse.Namespace) -> None:
         write_scene(Path(args.scene_path), args.size)
         tiles = (1 + -(-(args.size - args.tile_size) // (args.tile_size - args.tile_size // 8))) ** 2
         print(f"scene path: {args.size}^2 px, {tiles} tiles of {args.tile_size} px (overlap {args.tile_size // 8}), "
-              f"tiny random models at 448^2, {args.threads} thread(s) per process, best of {args.repeats}")
+              f"{args.models} models at 448^2 ({args.precision}, {args.device}), {args.threads} thread(s) per "
+              f"process, best of {args.repeats}")
         print(f"{'world':>5} {'seconds':>8} {'tiles/s':>8} {'speed-up':>8} {'efficiency':>10} {'class map':>12}")
         reference: tuple[float, np.ndarray] | None = None
         for world in args.worlds:
@@ -168,6 +171,9 @@ def main() -> None:
     parser.add_argument("--scene", action="store_true", help="time the whole scene path instead of the solver")
     parser.add_argument("--size", type=int, default=2048, help="--scene: the synthetic scene's side (px)")
     parser.add_argument("--tile-size", type=int, default=256, help="--scene: tile size (px)")
+    parser.add_argument("--device", default="cpu", help="--scene: cpu (Gloo) or cuda (NCCL, one GPU per rank)")
+    parser.add_argument("--models", default="tiny-random", help="--scene: a preset for both encoders")
+    parser.add_argument("--precision", default="fp32", help="--scene: fp32 (identical class maps), fp16, bf16")
     args = parser.parse_args()
     if args.scene:
         main_scene(args)

@@ -6,8 +6,11 @@ timings are representative without downloading anything.
 
     python benchmarks/bench_encoders.py                       # CPU, batch 2 (a CPU is slow at ViT-L)
     python benchmarks/bench_encoders.py --device cuda --batch 50 --precision fp16 bf16 --huge
+    python benchmarks/bench_encoders.py --compile --precision bf16 --repeats 3   # eager vs torch.compile
 
-Prints tiles/s and peak memory (GPU: torch's peak allocation; CPU: process peak RSS) per step and dtype.
+Prints tiles/s and peak memory (GPU: torch's peak allocation; CPU: process peak RSS) per step and dtype; with
+``--compile`` also the same encoder compiled (``coninfer --compile``): its first call (the compile) and its rate
+over eager's.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from functools import partial
 
 import torch
 
@@ -50,8 +54,19 @@ def build_dinov3(device, dtype, huge: bool):
 
 def measure(step, batch: torch.Tensor, device: torch.device, repeats: int) -> tuple[float, float]:
     """(tiles/s, peak GiB) of ``step(batch)`` after one warm-up call."""
+    rate, peak, _ = measure_with_warmup(step, batch, device, repeats)
+    return rate, peak
+
+
+def measure_with_warmup(step, batch: torch.Tensor, device: torch.device, repeats: int
+                        ) -> tuple[float, float, float]:
+    """(tiles/s, peak GiB, seconds of the warm-up call: a compiled step compiles there)."""
     with torch.inference_mode():
+        start = time.perf_counter()
         step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        warmup = time.perf_counter() - start
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -65,7 +80,7 @@ def measure(step, batch: torch.Tensor, device: torch.device, repeats: int) -> tu
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return batch.shape[0] / seconds, peak
+    return batch.shape[0] / seconds, peak, warmup
 
 
 def main() -> None:
@@ -76,6 +91,8 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=None, help="fp32 fp16 bf16 [CUDA: fp16 bf16; CPU: fp32]")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--huge", action="store_true", help="also DINOv3 ViT-H+/16")
+    parser.add_argument("--compile", action="store_true", help="also each encoder torch-compiled (coninfer --compile)")
+    parser.add_argument("--only", choices=["clip", "dinov3"], help="one encoder only")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -90,14 +107,25 @@ def main() -> None:
     for precision in precisions:
         dtype = dtypes[precision]
         batch = torch.randn(batch_size, 3, args.size, args.size, device=device, dtype=dtype)
-        steps = [("CLIP B/16 dense", build_clip(device, dtype).dense_features),
-                 ("DINOv3 L/16", build_dinov3(device, dtype, huge=False).dense_features)]
+        # built one at a time, so that a compiled copy never holds a second model's weights beside it
+        builders = [("CLIP B/16 dense", "clip", partial(build_clip, device, dtype)),
+                    ("DINOv3 L/16", "dinov3", partial(build_dinov3, device, dtype, huge=False))]
         if args.huge:
-            steps.append(("DINOv3 H+/16", build_dinov3(device, dtype, huge=True).dense_features))
-        for name, step in steps:
-            rate, peak = measure(step, batch, device, repeats)
-            print(f"{name:<22}{precision:<7}{rate:>10.1f}{peak:>10.2f}")
-        del steps
+            builders.append(("DINOv3 H+/16", "dinov3", partial(build_dinov3, device, dtype, huge=True)))
+        for name, kind, build in builders:
+            if args.only and kind != args.only:
+                continue
+            encoder = build()
+            rate, peak = measure(encoder.dense_features, batch, device, repeats)
+            print(f"{name:<22}{precision:<7}{rate:>10.2f}{peak:>10.2f}", flush=True)
+            if args.compile:
+                from coninfer.tile_step import compile_encoder
+
+                compiled_rate, peak, compile_s = measure_with_warmup(compile_encoder(encoder).dense_features, batch,
+                                                                     device, repeats)
+                print(f"{'  compiled':<22}{precision:<7}{compiled_rate:>10.2f}{peak:>10.2f}   "
+                      f"{compiled_rate / rate:.2f}x eager, first call (compile) {compile_s:.0f} s", flush=True)
+            del encoder
         if cuda:
             torch.cuda.empty_cache()
 

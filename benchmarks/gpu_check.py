@@ -5,8 +5,11 @@ Run on a machine with a GPU, with the golden folder at ``--golden`` (default ../
     python benchmarks/gpu_check.py --golden ../shared/golden
 
 Prints, per stage and dtype, the largest deviation from the golden fixtures (computed on CPU in float32 by the
-paper's code), label agreement of the end-to-end path, and the time of the full tile step (dense CLIP B/16 +
-DINOv3 L/16 + solver + post-processing) for a 50-tile batch with full-size random-weight models.
+paper's code), label agreement of the end-to-end path, the time of the full tile step (dense CLIP B/16 +
+DINOv3 L/16 + solver + post-processing) for a 50-tile batch with full-size random-weight models, eager and with
+both encoders torch-compiled (``--compile``; ``--skip-compile`` leaves that out), and the host-to-GPU copy of a
+50-tile batch (uint8 through pinned memory, non-blocking, against float32 made on the host) and the eval's
+confusion matrix of a 50-image batch counted on the device against numpy on the host.
 """
 
 from __future__ import annotations
@@ -131,7 +134,59 @@ def golden_end_to_end(golden: Path, device) -> None:
         print(f"golden E  end to end {precision}: label agreement outside fragile {agree:.6f}")
 
 
-def throughput(device, batch: int) -> None:
+def host_to_device(device, batch: int, repeats: int = 5) -> None:
+    """A batch of 448² uint8 tiles to the device as the tile step sends it (stack_on_device: uint8, pinned,
+    non-blocking, float on the device) against the code before (stack, then ``.to(device, float32)``, which
+    converts on the host and copies four times the bytes, from pageable memory)."""
+    from coninfer.tile_step import stack_on_device
+
+    target = torch.device(device)
+    tiles = list(torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, 3, 448, 448), dtype=np.uint8)))
+    ways = {"float32 from pageable (before)": lambda: torch.stack(tiles).to(device=target, dtype=torch.float32),
+            "uint8 pinned, non-blocking (now)": lambda: stack_on_device(tiles, target).float()}
+    seconds = {}
+    for name, copy in ways.items():
+        copy()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            pixels = copy()
+        _sync(device)
+        seconds[name] = (time.perf_counter() - start) / repeats
+        print(f"host to device {name}: {batch} x 448² -> {seconds[name] * 1000:.1f} ms per batch")
+    before, now = seconds.values()
+    same = torch.equal(ways["float32 from pageable (before)"](), pixels)
+    print(f"host to device: {before / now:.2f}x faster now, identical pixels {same}")
+
+
+def confusion(device, batch: int, repeats: int = 5) -> None:
+    """The eval's confusion matrix of a batch of 512² label maps held on the device (as the tile step leaves
+    them): counted there with torch (one (C+1)² copy back) against the labels copied to the host and counted with
+    numpy (the code before); the two matrices must be equal."""
+    from coninfer.evaluate.metrics import ConfusionMatrix
+
+    rng = np.random.default_rng(0)
+    labels = [rng.integers(0, 7, (512, 512), dtype=np.uint8) for _ in range(batch)]  # 6 classes, 6 = ignored
+    target = torch.device(device)
+    predictions = [torch.from_numpy(rng.integers(0, 6, (512, 512), dtype=np.uint8)).to(target) for _ in range(batch)]
+    matrices = {}
+    pairs = list(zip(predictions, labels, strict=True))
+    ways = {"host numpy (before)": lambda m: [m.update(p.cpu().numpy(), g) for p, g in pairs],
+            "device torch (now)": lambda m: m.update_many(pairs)}
+    for name, count in ways.items():
+        count(ConfusionMatrix(6, ignore_index=6))
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            matrices[name] = ConfusionMatrix(6, ignore_index=6)
+            count(matrices[name])
+        _sync(device)
+        print(f"confusion {name}: {batch} x 512² -> {(time.perf_counter() - start) / repeats * 1000:.1f} ms per batch")
+    before, now = matrices.values()
+    print(f"confusion: matrices identical {np.array_equal(before.matrix, now.matrix)}")
+
+
+def throughput(device, batch: int, compiled: bool = True) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, DINOv3ViTConfig, DINOv3ViTModel
 
     from coninfer.encoders.clip import DenseCLIP
@@ -164,9 +219,37 @@ def throughput(device, batch: int) -> None:
             seconds = time.perf_counter() - start
             print(f"tile step {method:<8} {precision}: {batch} tiles 512² -> {seconds:.2f} s, "
                   f"{batch / seconds:.1f} tiles/s, peak {_peak_gib(device):.1f} GiB")
+        if compiled:
+            try:
+                compiled_throughput(models, images, precision, device)
+            except Exception as error:  # a compile failure must not hide the other figures
+                print(f"tile step compiled {precision} FAILED: {type(error).__name__}: {error}")
         del clip, vfm, models
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+def compiled_throughput(models, images, precision: str, device) -> None:
+    """The coninfer tile step with both encoders compiled (``--compile``): the compile (the first call, on the
+    full batch, so one shape compiles) and the rate after it; labels against the eager run's."""
+    from coninfer.settings import InferenceSettings
+    from coninfer.tile_step import compile_encoder, infer_tiles
+
+    settings = InferenceSettings()
+    eager = infer_tiles(models, images, settings)
+    compile_encoder(models.clip)
+    compile_encoder(models.vfm)
+    start = time.perf_counter()
+    infer_tiles(models, images, settings)
+    _sync(device)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    results = infer_tiles(models, images, settings)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    agree = np.mean([(r.labels == e.labels).mean() for r, e in zip(results, eager, strict=True)])
+    print(f"tile step compiled {precision}: first call (compile) {compile_s:.0f} s, then {len(images) / seconds:.1f} "
+          f"tiles/s, labels identical to eager {agree:.5f}, peak {_peak_gib(device):.1f} GiB")
 
 
 def main() -> None:
@@ -176,6 +259,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--throughput-only", action="store_true", help="skip the golden checks")
     parser.add_argument("--precisions", nargs="+", default=list(DTYPES), help="subset of fp32 fp16 bf16")
+    parser.add_argument("--skip-compile", action="store_true", help="no torch.compile row (it compiles for minutes)")
     args = parser.parse_args()
     device = args.device
     for name in set(DTYPES) - set(args.precisions):
@@ -187,7 +271,12 @@ def main() -> None:
             check(args.golden, device)
         except Exception as error:  # keep going: one failing stage must not hide the others
             print(f"{check.__name__} FAILED: {type(error).__name__}: {error}")
-    throughput(device, args.batch)
+    for check in (host_to_device, confusion):
+        try:
+            check(device, args.batch)
+        except Exception as error:
+            print(f"{check.__name__} FAILED: {type(error).__name__}: {error}")
+    throughput(device, args.batch, compiled=not args.skip_compile)
 
 
 if __name__ == "__main__":

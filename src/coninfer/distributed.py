@@ -21,6 +21,7 @@ Shares (:func:`split`, :func:`band_of`) are contiguous and in rank order, like `
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 import uuid
@@ -157,6 +158,9 @@ def teardown() -> None:
     global _current
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+        # release the group's C++ objects (Gloo's worker threads) now, while the interpreter is whole: left to
+        # interpreter shutdown they may be destroyed after the runtime they need (SIGABRT at exit)
+        gc.collect()
     _current = Dist()
 
 
@@ -363,3 +367,12 @@ def _sees_token(path: Path, token: str, tries: int = 3) -> bool:
         if attempt + 1 < tries:
             time.sleep(0.5)
     return False
+
+
+def all_gather_object(dist: Dist, value: T) -> list[T]:
+    """Every rank's ``value`` (picklable, small: a report, an error message), in rank order."""
+    if not dist.grouped:
+        return [value]
+    values: list = [None] * dist.world_size
+    tdist.all_gather_object(values, value)
+    return values

@@ -41,5 +41,9 @@ class CheckpointFormatError(ModelLoadError):
     """A checkpoint's keys or shapes do not match what the target model needs."""
 
 
+class CompileError(ConInferError, RuntimeError):
+    """torch.compile (``--compile``) is unavailable here or failed on a model."""
+
+
 class ResourceError(ConInferError, MemoryError):
     """The machine cannot hold the work (e.g. one tile does not fit in GPU memory)."""

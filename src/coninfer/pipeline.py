@@ -229,13 +229,15 @@ def prior_scene(models: Models, settings: InferenceSettings, read_tile: TileRead
 
 
 def contexts_of(store, settings: InferenceSettings, options: SceneOptions) -> list[list[int]]:
-    """The solver contexts (lists of non-empty tiles): one for ``scene``, groups of ``context_size`` tiles for
-    ``batch``, one tile each for ``none`` and the baseline method (the prior needs no context)."""
+    """The solver contexts (lists of non-empty tiles): one for ``scene`` and ``collection``, groups of
+    ``context_size`` tiles for ``batch``, one tile each for ``none`` and the baseline method (the prior needs no
+    context)."""
     empty = set(store.empty_tiles())
     tiles = [i for i in range(store.shape[0]) if i not in empty]
     if options.context == "none" or settings.method == "baseline":
         return [[tile] for tile in tiles]
-    size = len(tiles) if options.context == "scene" else options.context_size
+    # a collection's store (coninfer.collection.CollectionStore) spans its scenes: one context, like a scene
+    size = len(tiles) if options.context in ("scene", "collection") else options.context_size
     return list(_groups(tiles, size))
 
 
@@ -250,7 +252,7 @@ def solve_store(store, settings: InferenceSettings, options: SceneOptions, *, de
     depend on the world size."""
     grouped = dist is not None and dist.world_size > 1
     prior_only = options.context == "none" or settings.method == "baseline"
-    together = grouped and options.context == "scene" and not prior_only
+    together = grouped and options.context in ("scene", "collection") and not prior_only
     solved = store.solved_contexts()
     chunk_tiles = options.solver_chunk_tiles
     init_topk = settings.solver.init_topk

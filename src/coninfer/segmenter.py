@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -73,11 +73,12 @@ class Segmenter:
                      vfm: str = "dinov3-l16-sat", device: str = "auto", precision: str = "auto",
                      settings: InferenceSettings = InferenceSettings(), clip_variant: str | None = None,
                      attn_lambda: float | None = None, cache_dir: str | Path | None = None,
-                     upsampler: str | Path | None = None) -> Segmenter:
+                     upsampler: str | Path | None = None, compile_models: bool = False) -> Segmenter:
         """Load ``vlm`` and (when the method needs one) ``vfm`` by preset name, path or hub id; embed the classes.
 
         ``clip_variant`` / ``attn_lambda`` override ``settings.clip`` (the paper's Table-2 variants).
         ``upsampler``: SimFeatUp weights (path or hub file) for ``settings.prior == "segearth-ov"``.
+        ``compile_models``: torch.compile both encoders (:func:`coninfer.tile_step.compile_encoder`).
         """
         classes = _as_class_list(classes)
         if clip_variant or attn_lambda is not None:
@@ -86,7 +87,7 @@ class Segmenter:
         _check_classes(classes, settings)
         models = load_models(classes, vlm=vlm, vfm=vfm if settings.needs_vfm else None, device=device,
                              precision=precision, clip_settings=settings.clip, cache_dir=cache_dir,
-                             upsampler=str(upsampler) if upsampler else None)
+                             upsampler=str(upsampler) if upsampler else None, compile_models=compile_models)
         return cls(models, settings)
 
     @property
@@ -194,22 +195,9 @@ class Segmenter:
         timings: dict[str, float] = {}
         store = self._open_store(folder, queries, len(grid), resume=resume, source=scene.path, dist=dist)
 
-        def share(missing: list[int]) -> list[int] | None:
-            return distributed.split(dist, distributed.broadcast_object(dist, missing)) if dist.grouped else None
-
         try:
             with file_reader(scene) as read_tile:
-                tick = time.perf_counter()
-                encode_scene(self.models, self.settings, read_tile, grid, store.embeddings,
-                             batch_size=options.batch_size, tiles=share(store.embeddings.missing_tiles()),
-                             progress=progress)
-                distributed.barrier(dist)
-                timings["encode_s"] = time.perf_counter() - tick
-                tick = time.perf_counter()
-                prior_scene(self.models, self.settings, read_tile, grid, store, batch_size=options.batch_size,
-                            tiles=share(store.missing_tiles()), progress=progress)
-                distributed.barrier(dist)
-                timings["prior_s"] = time.perf_counter() - tick
+                timings.update(self._encode_and_prior(read_tile, grid, store, options, progress=progress, dist=dist))
                 tick = time.perf_counter()
                 solve_store(store, self.settings, options, device=self.models.device, dist=dist)
                 timings["solve_s"] = time.perf_counter() - tick
@@ -233,6 +221,24 @@ class Segmenter:
             store.close()
             if dist.is_main:
                 shutil.rmtree(queries / "stitch", ignore_errors=True)
+
+    def _encode_and_prior(self, read_tile, grid, store: TileStore, options: SceneOptions, *, progress: bool,
+                          dist: distributed.Dist) -> dict[str, float]:
+        """Passes 1 and 2 over the tiles ``store`` lacks; with several ranks each takes its share of rank 0's
+        list (so every rank splits the same list). Returns their seconds, ``encode_s`` and ``prior_s``."""
+
+        def share(missing: list[int]) -> list[int] | None:
+            return distributed.split(dist, distributed.broadcast_object(dist, missing)) if dist.grouped else None
+
+        tick = time.perf_counter()
+        encode_scene(self.models, self.settings, read_tile, grid, store.embeddings, batch_size=options.batch_size,
+                     tiles=share(store.embeddings.missing_tiles()), progress=progress)
+        distributed.barrier(dist)
+        encoded = time.perf_counter()
+        prior_scene(self.models, self.settings, read_tile, grid, store, batch_size=options.batch_size,
+                    tiles=share(store.missing_tiles()), progress=progress)
+        distributed.barrier(dist)
+        return {"encode_s": encoded - tick, "prior_s": time.perf_counter() - encoded}
 
     def _stitch_band(self, read_tile, grid, store: TileStore, spool: Path, *, progress: bool,
                      dist: distributed.Dist) -> None:
@@ -340,6 +346,222 @@ class Segmenter:
                       "tiles_per_s": round(encoded_now / encode_s, 3) if encode_s > 0 and encoded_now > 0 else None},
             "timings_s": {name: round(value, 3) for name, value in timings.items()},
         }
+
+    # -- many scenes ----------------------------------------------------------------------------------------------
+
+    def segment_files(self, paths: Sequence[str | Path], output_dir: str | Path,
+                      options: SceneOptions = SceneOptions(), *, bands: Sequence[int] | None = None,
+                      nodata: float | None = None, workdir: str | Path | None = None, resume: bool = True,
+                      keep_workdir: bool = False, keep_embeddings: bool = False, overwrite: bool = False,
+                      skip_existing: bool = False, progress: bool = True, dist: distributed.Dist | None = None,
+                      colors: str | Mapping[str, tuple[int, int, int]] | None = None,
+                      on_scene: Callable[[dict], None] | None = None, **outputs: str | None) -> list[dict]:
+        """Segment several rasters (files, VRTs, folders of rasters: :func:`coninfer.collection.expand_inputs`)
+        into one output set per input in ``output_dir``, each in its input's CRS and grid: ``<stem>.tif``,
+        ``<stem>.json`` and the kinds in ``outputs`` as name templates (``probabilities="{stem}_probs.tif"``,
+        ``vector="{stem}.gpkg"``...). Returns the reports in input order (``{"input", "skipped": True}`` for
+        an input ``skip_existing`` skipped because all its outputs exist: a stopped run continues where it
+        stopped; in the collection context such an input still takes part in the mixture, unwritten).
+
+        ``options.context``: ``scene`` (one mixture per input), ``batch``, ``none``, or ``collection``: one
+        mixture over every tile of every input (one area cut into many files, a time series), as
+        :func:`~coninfer.pipeline.solve_store` fits over one scene, so a mosaic cut into strips of whole tile
+        rows gives the mosaic's result. Every input is opened and checked, and every output checked, before any
+        work. Under torch.distributed, whole scenes go to the ranks when there are at least as many as ranks
+        (:func:`coninfer.collection.share_scenes`); the outputs do not depend on the world size. ``on_scene``
+        is called on rank 0 with each report (as each scene finishes in one process; at the end otherwise).
+        """
+        from coninfer import collection
+
+        started = time.perf_counter()
+        dist = dist or distributed.current()
+        plans = collection.agree(dist, lambda: collection.plan_scenes(
+            collection.expand_inputs(paths), output_dir, outputs, overwrite=overwrite,
+            skip_existing=skip_existing))[dist.rank]
+        palette = self.colors(colors)  # a bad colour fails before any work
+        # a collection's skipped inputs still take part in its mixture: only their outputs are left as they are
+        todo = [plan for plan in plans if not plan.skipped or options.context == "collection"]
+        share = collection.share_scenes(len(todo), dist)
+        # every input this rank runs is opened and checked first: a bad 900th file stops the run before any work
+        opened = collection.agree(dist, lambda: [self._open_checked(todo[i].source, options, bands, nodata)
+                                                 for i in share.mine])[dist.rank]
+        scenes = dict(zip(share.mine, opened, strict=True))
+        skipped = [{"input": str(plan.source), "skipped": True,
+                    "outputs": {name: str(path) for name, path in plan.outputs.items()}}
+                   for plan in plans if plan.skipped]
+        report_now = on_scene if on_scene is not None and not dist.grouped else None
+        for report in skipped if report_now else ():
+            report_now(report)
+        run = dict(workdir=workdir, resume=resume, keep_workdir=keep_workdir, keep_embeddings=keep_embeddings,
+                   overwrite=overwrite, progress=progress and dist.is_main, on_scene=report_now)
+        if options.context == "collection":
+            done = self._segment_collection(todo, share, scenes, options, dist=dist, started=started,
+                                            colors=palette, **run)
+        else:
+            done = self._segment_each(todo, share, scenes, options, dist=dist, colors=colors, **run)
+        by_input = {str(report["input"]): report for report in skipped}
+        reports = [by_input[str(plan.source)] if plan.skipped else done[plan.index] for plan in plans]
+        if on_scene is not None and dist.grouped and dist.is_main:
+            for report in reports:
+                on_scene(report)
+        return reports
+
+    def _open_checked(self, source, options: SceneOptions, bands, nodata) -> read.Scene:
+        """An input opened and checked as :meth:`segment_file` does before any work (bands, nodata, memory)."""
+        with gdal_env(source):
+            scene = read.open_scene(source, bands=bands, nodata=nodata)
+        if read.scene_is_empty(scene):
+            raise InputError(f"{source} is entirely nodata", hint="check the nodata value / mask of the input")
+        check_memory(run_shape(self.models, self.settings, scene_grid(scene.width, scene.height, options), options),
+                     device=self.models.device)
+        return scene
+
+    def _segment_each(self, todo: list, share, scenes: dict, options: SceneOptions, *, dist: distributed.Dist,
+                      on_scene: Callable[[dict], None] | None, colors, **run) -> dict[int, dict]:
+        """``scene``, ``batch`` and ``none`` contexts: :meth:`segment_file` per input, on this rank's scenes
+        alone (whole scenes per rank) or with every rank (``share.store_dist`` is the run's)."""
+        from coninfer import collection
+
+        reports: dict[int, dict] = {}
+        failure = None
+        for index in share.mine:
+            plan = todo[index]
+            extras = {name: path for name, path in plan.requested.items() if name != "class_map"}
+            try:
+                reports[plan.index] = self.segment_file(scenes[index], plan.outputs["class_map"], options,
+                                                        dist=share.store_dist, colors=colors, **run, **extras)
+            except Exception as error:  # noqa: BLE001 - raised by agree() on this rank, named on the others
+                failure = error
+                break
+            if on_scene is not None:
+                on_scene(reports[plan.index])
+        if not share.whole:  # every rank ran every scene and holds rank 0's reports
+            return collection.agree(dist, lambda: reports, error=failure)[0]
+        merged: dict[int, dict] = {}
+        for part in collection.agree(dist, lambda: reports, error=failure):
+            merged.update(part)
+        return merged
+
+    def _segment_collection(self, todo: list, share, scenes: dict, options: SceneOptions, *,
+                            dist: distributed.Dist, started: float, workdir, resume: bool, keep_workdir: bool,
+                            keep_embeddings: bool, overwrite: bool, progress: bool, colors: list,
+                            on_scene: Callable[[dict], None] | None) -> dict[int, dict]:
+        """The ``collection`` context: each scene's embeddings and priors in its own (resumable) store, by the
+        ranks that run it; one mixture over the :class:`~coninfer.collection.CollectionStore` of all of them,
+        fitted by every rank; then each rank stitches and writes its scenes (not the skipped ones, which only
+        take part in the mixture). Rank 0 holds every output and work folder for the run."""
+        from contextlib import ExitStack
+
+        from coninfer import collection
+
+        patches = self.models.grid_size(self.settings.model_res) ** 2
+        num_queries = len(self.models.classes.queries)
+
+        def part(scene) -> collection.StorePart:
+            folder = self._workdir(scene, options, workdir)
+            return collection.StorePart(folder, self._query_folder(folder, options),
+                                        len(scene_grid(scene.width, scene.height, options)))
+
+        mine = {index: part(scenes[index]) for index in share.mine}
+        parts_by: dict[int, collection.StorePart] = {}
+        for gathered in collection.agree(dist, lambda: mine):
+            parts_by.update(gathered)
+        parts = [parts_by[index] for index in range(len(todo))]
+        written = [plan for plan in todo if not plan.skipped]
+        with ExitStack() as held:
+            def hold() -> None:
+                if not dist.is_main:
+                    return
+                collection.raise_open_file_limit(sum(len(plan.outputs) + 1 for plan in written) + 1024)
+                for plan in written:
+                    held.enter_context(_fs.hold_outputs(plan.outputs.values()))
+                    check_outputs(plan.source, plan.outputs, overwrite=overwrite)  # again, now that it is held
+                for folder in dict.fromkeys(item.folder for item in parts):
+                    held.enter_context(locked_folder(folder))
+
+            collection.agree(dist, hold)
+            if dist.grouped and parts:
+                distributed.check_shared_folder(dist, parts[0].folder.parent)
+            timings: dict[int, dict[str, float]] = {}
+            resumed: dict[int, int] = {}
+
+            def encode_mine() -> None:
+                for index in share.mine:
+                    timings[index], resumed[index] = self._encode_part(
+                        scenes[index], parts[index], options, resume=resume, progress=progress,
+                        dist=share.store_dist)
+
+            collection.agree(dist, encode_mine)
+            tick = time.perf_counter()
+            view = collection.CollectionStore(parts, patches, num_queries)
+            try:
+                solve_store(view, self.settings, options, device=self.models.device, dist=dist)
+            finally:
+                view.close()
+            solve_s = time.perf_counter() - tick
+            info = {"scenes": len(todo), "tiles": int(view.shape[0])}
+            ours = share.mine if share.whole else distributed.split(dist, list(range(len(todo))))
+            writers = [index for index in ours if not todo[index].skipped]
+
+            def write_mine() -> dict[int, dict]:
+                reports = {}
+                for index in writers:
+                    scene_timings = {**timings[index], "solve_s": solve_s}
+                    reports[todo[index].index] = self._write_part(
+                        scenes[index], parts[index], todo[index].outputs, options, scene_timings,
+                        resumed_from=resumed[index], started=started, overwrite=overwrite, progress=progress,
+                        colors=colors, collection_info={**info, "index": index})
+                    if on_scene is not None:
+                        on_scene(reports[todo[index].index])
+                return reports
+
+            done: dict[int, dict] = {}
+            for gathered in collection.agree(dist, write_mine):
+                done.update(gathered)
+            if dist.is_main and not keep_workdir:
+                for item in parts:
+                    shutil.rmtree(item.folder if not keep_embeddings else item.queries, ignore_errors=True)
+        return done
+
+    def _encode_part(self, scene, part, options: SceneOptions, *, resume: bool, progress: bool,
+                     dist: distributed.Dist) -> tuple[dict[str, float], int]:
+        """A collection scene's encode and prior passes into its store (every rank of ``dist`` on its share of
+        the missing tiles); returns their timings and the tiles an earlier run had stored."""
+        grid = scene_grid(scene.width, scene.height, options)
+        store = self._open_store(part.folder, part.queries, part.num_tiles, resume=resume, source=scene.path,
+                                 dist=dist)
+
+        try:
+            with gdal_env(scene.path), file_reader(scene) as read_tile:
+                timings = self._encode_and_prior(read_tile, grid, store, options, progress=progress, dist=dist)
+        finally:
+            store.close()
+            store.embeddings.close()
+        return timings, store.resumed_from
+
+    def _write_part(self, scene, part, targets: dict[str, Path], options: SceneOptions, timings: dict[str, float],
+                    *, resumed_from: int, started: float, overwrite: bool, progress: bool, colors: list,
+                    collection_info: dict) -> dict:
+        """Stitch a solved collection scene from its store and write its outputs; returns its report."""
+        grid = scene_grid(scene.width, scene.height, options)
+        embeddings = EmbeddingStore(part.folder, part.num_tiles, self.models.grid_size(self.settings.model_res) ** 2)
+        store = TileStore(part.queries, part.num_tiles, embeddings.shape[1], len(self.models.classes.queries),
+                          embeddings=embeddings)
+        store.resumed_from = resumed_from
+        try:
+            with gdal_env(scene.path), file_reader(scene) as read_tile:
+                blocks = stitch_scene(self.models, self.settings, read_tile, grid, store, progress=progress)
+
+                def summarize(counts: np.ndarray, areas: np.ndarray) -> dict:
+                    timings["total_s"] = time.perf_counter() - started
+                    report = self._report(scene, options, counts, areas, targets, timings, store, colors)
+                    return {**report, "collection": collection_info}
+
+                return write_outputs(targets, scene, list(self.class_names), colors, blocks, summarize, timings,
+                                     overwrite=overwrite)
+        finally:
+            store.close()
+            embeddings.close()
 
 
 def _json_number(value):

@@ -26,8 +26,8 @@ METHODS = ("coninfer", "decoupled", "baseline")
 FeatureSource = Literal["vfm", "clip"]
 Prior = Literal["clip", "segearth-ov"]
 PRIORS = ("clip", "segearth-ov")
-Context = Literal["scene", "batch", "none"]
-CONTEXTS = ("scene", "batch", "none")
+Context = Literal["scene", "collection", "batch", "none"]
+CONTEXTS = ("scene", "collection", "batch", "none")
 
 VARIANTS = ("vanilla", "maskclip", "sclip", "clearclip", "segearth", "gem")
 
@@ -238,8 +238,9 @@ class SceneOptions:
     source ground sampling distance (448 px -> 448 model px), as the paper's 448² crops of 0.1-1 m imagery do;
     use a larger tile for very fine imagery (e.g. 896 at 0.1 m) so that a patch still covers a few metres.
     ``overlap`` (source px) is blended linearly so tiles leave no seams; 0 is the paper's setting.
-    ``context``: ``scene`` (one mixture over every tile), ``batch`` (groups of ``context_size`` tiles, the
-    paper's evaluation protocol) or ``none`` (the prior alone).
+    ``context``: ``scene`` (one mixture over every tile), ``collection`` (one mixture over every tile of every
+    input of :meth:`~coninfer.segmenter.Segmenter.segment_files`; for one file, the scene), ``batch`` (groups
+    of ``context_size`` tiles, the paper's evaluation protocol) or ``none`` (the prior alone).
     """
 
     tile_size: int = 448

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coninfer.errors import InputError
+from coninfer.errors import CompileError, InputError
 from coninfer.postprocess import class_probabilities, labels_from_probabilities, patches_to_grid
 from coninfer.prompts import ClassList
 from coninfer.settings import InferenceSettings
@@ -73,14 +73,21 @@ class Models:
 def load_models(classes: ClassList, *, vlm: str = "clip-b16", vfm: str | None = "dinov3-l16-sat",
                 device: str = "auto", precision: str = "auto", clip_settings=None, upsampler: str | None = None,
                 vfm_normalization: tuple[Sequence[float], Sequence[float]] | None = None,
-                cache_dir=None) -> Models:
+                cache_dir=None, compile_models: bool = False) -> Models:
     """Load the CLIP (``vlm``) and VFM (``vfm``; None when the method needs none) presets/paths and embed the
-    class queries (prompt ensemble, cached on disk)."""
+    class queries (prompt ensemble, cached on disk). ``compile_models``: :func:`compile_encoder` both
+    (``--compile``)."""
     from coninfer.encoders import presets
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
+    if compile_models:
+        check_compile_available(torch_device)  # before any weights are loaded
     clip = presets.load_vlm(vlm, device=torch_device, dtype=dtype, settings=clip_settings)
     vfm_model = presets.load_vfm(vfm, device=torch_device, dtype=dtype) if vfm else None
+    if compile_models:
+        for encoder in (clip, vfm_model):
+            if encoder is not None:
+                compile_encoder(encoder)
     queries = clip.encode_queries(list(classes.queries), cache_dir=cache_dir)
     upsampler_model = None
     if upsampler:
@@ -89,6 +96,75 @@ def load_models(classes: ClassList, *, vlm: str = "clip-b16", vfm: str | None = 
         upsampler_model = load_simfeatup(upsampler, device=torch_device)
     return Models(clip, vfm_model, classes, queries, torch_device, dtype, vfm_normalization=vfm_normalization,
                   upsampler=upsampler_model)
+
+
+_COMPILE_HINT = "run without --compile (eager, the default, gives the same labels)"
+
+
+def check_compile_available(device: torch.device) -> None:
+    """Fail before any work where torch.compile cannot run on the CPU: no C++ compiler for inductor's kernels,
+    which torch itself would only report at the first batch. (On a GPU inductor writes Triton kernels, whose
+    failures surface at the first batch: :func:`compile_encoder`.)"""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # private API: without it the first batch reports a missing compiler (compile_encoder)
+        return
+    try:
+        get_cpp_compiler()
+    except RuntimeError as error:
+        raise CompileError(f"--compile on the CPU needs a C++ compiler for torch.compile: {error}",
+                           hint=_COMPILE_HINT + ", or install g++ (or set CXX)") from error
+
+
+def compile_encoder(encoder: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile ``encoder``'s dense forward in place (``--compile``); returns it. Weights and their names
+    are untouched, so fingerprints and resume keys do not change.
+
+    Shapes follow torch's automatic dynamic rule (``dynamic=None``): the first batch compiles for its shape, the
+    first batch of another size compiles once more for any size (a batch of one has its own), so `eval all`, whose
+    datasets end in last batches of many sizes, compiles at most three times, where static shapes would compile
+    once per size and fall back to eager past dynamo's recompile limit (8). A DINOv3/DINOv2 (:class:`~coninfer.encoders.dinov3.DenseVFM`) compiles its
+    backbone: its dense_features opens an inference_mode block, which dynamo cannot trace ("Cannot set
+    version_counter for inference tensor", torch 2.13). A dense CLIP compiles ``dense_features`` (its surgery
+    loop; the other entry points, text and SegEarth-OV windows, stay eager). torch compiles at the first call: a
+    failure then is a :class:`~coninfer.errors.CompileError` naming ``--compile``, never a silent eager run.
+    """
+    from coninfer.encoders.dinov3 import DenseVFM
+
+    if getattr(encoder, "_coninfer_compiled", False):
+        return encoder
+    try:
+        if isinstance(encoder, DenseVFM):
+            encoder.model.compile(dynamic=None)
+            forward = encoder.dense_features
+        else:
+            forward = torch.compile(encoder.dense_features, dynamic=None)
+    except RuntimeError as error:  # e.g. a Python version torch.compile does not support yet
+        raise CompileError(f"torch.compile is unavailable here: {_first_line(error)}", hint=_COMPILE_HINT) from error
+    encoder.dense_features = _compile_errors_named(forward, getattr(encoder, "name", type(encoder).__name__))
+    encoder._coninfer_compiled = True
+    return encoder
+
+
+def _compile_errors_named(forward, name: str):
+    """``forward`` with torch.compile's failures (raised at a call that compiles) as one CompileError line."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    def compiled_forward(*args, **kwargs):
+        try:
+            return forward(*args, **kwargs)
+        except TorchDynamoException as error:
+            raise CompileError(f"torch.compile failed on {name}: {_first_line(error)}", hint=_COMPILE_HINT) from error
+
+    return compiled_forward
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith("backend=")] or lines or [type(error).__name__]
+    return useful[0]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -170,12 +246,35 @@ def to_model_input(tiles: Sequence[torch.Tensor], size: int, normalization, devi
     groups = [list(tiles)] if len({tuple(t.shape) for t in tiles}) == 1 else [[tile] for tile in tiles]
     batch = []
     for group in groups:
-        pixels = torch.stack(group).to(device=device, dtype=torch.float32)  # (b, 3, H, W)
+        pixels = stack_on_device(group, torch.device(device)).float()  # (b, 3, H, W)
         if tuple(pixels.shape[2:]) != (size, size):
             pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True,
                                    align_corners=False).clamp(0, 255)
         batch.append((pixels - mean) / std)
     return torch.cat(batch).to(dtype)
+
+
+def stack_on_device(tiles: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(b, 3, H, W) uint8 of same-size tiles on ``device``; the caller converts to float there.
+
+    To a GPU the tiles go as uint8 (a quarter of float32's bytes: torch converts a dtype-changing host-to-GPU
+    copy on the CPU first) through pinned memory, without blocking the host (torch's pinned-memory cache keeps
+    the buffer until the copy is done). On the CPU they are stacked as before: pinning needs CUDA.
+    """
+    if not _pinned_copies(device, tiles):
+        return torch.stack(list(tiles)).to(device)
+    host = _pinned_empty((len(tiles), *tiles[0].shape))
+    torch.stack(list(tiles), out=host)
+    return host.to(device, non_blocking=True)
+
+
+def _pinned_copies(device: torch.device, tiles: Sequence[torch.Tensor]) -> bool:
+    """Pinned, non-blocking copies: host tiles going to a CUDA device (the only case they help or even work)."""
+    return device.type == "cuda" and all(tile.device.type == "cpu" for tile in tiles)
+
+
+def _pinned_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
 
 
 @torch.inference_mode()
@@ -276,6 +375,20 @@ def infer_tiles(models: Models, images, settings: InferenceSettings = InferenceS
     ``images``: (B, H, W, 3) uint8 or a list of (H, W, 3) uint8 arrays. Every tile is resized to the model
     resolution; z is upsampled back to each tile's original size (or ``output_sizes[b]`` as (H, W)).
     """
+    return [TileResult(labels.cpu().numpy(), probs.cpu().numpy() if probabilities else None)
+            for labels, probs in _tile_outputs(models, images, settings, output_sizes)]
+
+
+def infer_labels(models: Models, images, settings: InferenceSettings = InferenceSettings(),
+                 output_sizes: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+    """:func:`infer_tiles`' labels as (H, W) uint8 tensors left on the models' device: the evaluation counts
+    its confusion matrix there (:func:`coninfer.evaluate.metrics.confusion_counts`) and copies back only that."""
+    return [labels for labels, _ in _tile_outputs(models, images, settings, output_sizes)]
+
+
+def _tile_outputs(models: Models, images, settings: InferenceSettings,
+                  output_sizes: Sequence[tuple[int, int]] | None):
+    """(labels (H, W) uint8, probabilities (C, H, W) float32) of each tile, on the models' device."""
     tiles = as_tile_batch(images)
     logits, features = encode_tiles(models, tiles, settings)
     batch, patches, num_queries = logits.shape
@@ -284,11 +397,9 @@ def infer_tiles(models: Models, images, settings: InferenceSettings = InferenceS
     grid = models.grid_size(settings.model_res)
     # upsampling to full tile size is the heaviest step after the encoders: keep it on the models' device
     z_grid = patches_to_grid(z.float(), grid, grid)  # (B*G*G, K) -> (B, K, G, G)
-    results = []
     for index, tile in enumerate(tiles):
         size = tuple(output_sizes[index]) if output_sizes else tuple(tile.shape[1:])
         probs = class_probabilities(z_grid[index : index + 1], size, models.classes.query_to_class,
                                     settings.post.logit_scale)[0]
         labels = labels_from_probabilities(probs[None], settings.post.prob_thd, settings.post.bg_index)[0]
-        results.append(TileResult(labels.to(torch.uint8).cpu().numpy(), probs.cpu().numpy() if probabilities else None))
-    return results
+        yield labels.to(torch.uint8), probs

@@ -90,7 +90,8 @@ def forbid_model_work(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a resumed, finished dataset must not load models or predict")
 
-    for module, name in ((presets, "load_vlm"), (presets, "load_vfm"), (pipeline, "infer_tiles")):
+    for module, name in ((presets, "load_vlm"), (presets, "load_vfm"), (pipeline, "infer_tiles"),
+                         (pipeline, "infer_labels")):
         monkeypatch.setattr(module, name, refuse)
 
 
@@ -248,6 +249,34 @@ class TestEvalOneDataset:
         result = run("Potsdam", "--data-root", str(potsdam), *TINY, "--method", "baseline", "--prior", "segearth-ov")
         assert result.exit_code == 2 and result.output.count("\n") == 1
         assert "--upsampler" in result.output and "simfeatup-clip-b16" in result.output
+
+    def test_labels_scored_on_the_device_give_the_same_json(self, potsdam, tmp_path, monkeypatch):
+        """The tile step's labels stay tensors and are counted with torch; the JSON is that of host labels."""
+        args = ["Potsdam", "--data-root", str(potsdam), *TINY, "--context-size", "1"]
+        device = run(*args, "--output", str(tmp_path / "device.json"), "--state-dir", str(tmp_path / "s1"))
+        assert device.exit_code == 0, device.output
+        on_device = pipeline.infer_labels
+        monkeypatch.setattr(pipeline, "infer_labels",
+                            lambda *a, **k: [labels.cpu().numpy() for labels in on_device(*a, **k)])
+        host = run(*args, "--output", str(tmp_path / "host.json"), "--state-dir", str(tmp_path / "s2"))
+        assert host.exit_code == 0, host.output
+        assert (tmp_path / "device.json").read_text() == (tmp_path / "host.json").read_text()
+
+    def test_compile_reaches_both_encoders_once(self, potsdam, tmp_path, monkeypatch):
+        compiled = []
+        monkeypatch.setattr(pipeline, "compile_encoder", lambda encoder: compiled.append(type(encoder).__name__))
+        monkeypatch.setattr(pipeline, "check_compile_available", lambda device: None)  # plumbing only: no g++ needed
+        result = run("Potsdam", "--data-root", str(potsdam), *TINY, "--compile", "--output",
+                     str(tmp_path / "compiled.json"), "--state-dir", str(tmp_path / "state"))
+        assert result.exit_code == 0, result.output
+        assert sorted(compiled) == ["DenseCLIP", "DenseVFM"]
+        [entry] = json.loads((tmp_path / "compiled.json").read_text())
+        assert "compile" not in json.dumps(entry["settings"])  # an execution detail, like the thread count
+        compiled.clear()
+        plain = run("Potsdam", "--data-root", str(potsdam), *TINY, "--output", str(tmp_path / "plain.json"),
+                    "--state-dir", str(tmp_path / "state2"))
+        assert plain.exit_code == 0, plain.output
+        assert compiled == []
 
     def test_ablation_flags_reach_the_settings(self, potsdam, tmp_path, monkeypatch):
         monkeypatch.setattr(presets, "load_vfm", lambda *a, **k: pytest.fail("CLIP features need no VFM"))

@@ -483,3 +483,21 @@ def test_run_too_large_for_memory_stops_before_any_work(tmp_path: Path, monkeypa
     monkeypatch.setattr(memory, "available_host_memory", lambda: 1024)
     _assert_fails_cleanly(tmp_path, _args(_ms(tmp_path)), "--tile-size .* with --batch-size .* of host memory")
     assert not (tmp_path / "work").exists()
+
+
+def test_compile_reaches_both_encoders_and_not_the_resume_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`segment --compile` compiles both encoders (plumbing: torch.compile itself is tested in test_tile_step) and
+    resumes the store of an eager run: compiling changes no weight and no resume key."""
+    import coninfer.tile_step as tile_step
+
+    compiled: list[str] = []
+    monkeypatch.setattr(tile_step, "compile_encoder", lambda encoder: compiled.append(type(encoder).__name__))
+    monkeypatch.setattr(tile_step, "check_compile_available", lambda device: None)
+    source = _ms(tmp_path)
+    eager = _run(source, "--keep-embeddings", "-q")
+    assert eager.exit_code == 0 and compiled == [], eager.output
+    result = _run(source, "--compile", "--overwrite", "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(compiled) == ["DenseCLIP", "DenseVFM"]
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["tiles"]["resumed_from"] == report["tiles"]["total"] - report["tiles"]["empty"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from coninfer.errors import InputError
 from coninfer.evaluate.loaders import decode_label
-from coninfer.evaluate.metrics import ConfusionMatrix
+from coninfer.evaluate.metrics import ConfusionMatrix, confusion_counts
 from coninfer.evaluate.specs import load_dataset_spec
 
 
@@ -109,3 +110,57 @@ class TestConfusionMatrix:
     def test_empty_accumulator_gives_nan(self):
         scores = ConfusionMatrix(2).scores()
         assert np.isnan(scores.miou) and np.isnan(scores.aacc)
+
+
+class TestConfusionOnTheDevice:
+    """Tensors (the tile step's labels, on the model's device) are counted with torch: the same int64 matrix."""
+
+    @pytest.mark.parametrize("seed", range(4))
+    def test_equals_the_numpy_matrix_bit_for_bit(self, seed):
+        rng = np.random.default_rng(seed)
+        num_classes = int(rng.integers(1, 12))
+        numpy_matrix, torch_matrix = ConfusionMatrix(num_classes), ConfusionMatrix(num_classes)
+        for _ in range(5):
+            h, w = rng.integers(1, 40, 2)
+            # out-of-range values on both sides (bin C) and ignored pixels (255)
+            label = rng.integers(0, num_classes + 3, (h, w)).astype(np.uint8)
+            label[rng.random((h, w)) < 0.25] = 255
+            pred = rng.integers(-2, num_classes + 3, (h, w))
+            numpy_matrix.update(pred, label)
+            torch_matrix.update(torch.from_numpy(pred), label)
+        assert torch_matrix.matrix.dtype == np.int64
+        np.testing.assert_array_equal(torch_matrix.matrix, numpy_matrix.matrix)
+        assert numpy_matrix.matrix[num_classes].sum() > 0 and numpy_matrix.matrix[:, num_classes].sum() > 0
+
+    def test_counts_stay_a_tensor_on_the_device(self):
+        pred, label = torch.tensor([[0, 1, 2], [1, 1, 0]]), torch.tensor([[0, 1, 255], [2, 1, 7]], dtype=torch.uint8)
+        counts = confusion_counts(pred, label, 3)
+        assert isinstance(counts, torch.Tensor) and counts.dtype == torch.int64 and counts.shape == (4, 4)
+        expected = np.zeros((4, 4), np.int64)
+        for g, p in ((0, 0), (1, 1), (2, 1), (1, 1), (3, 0)):  # 255 ignored, label 7 -> bin 3
+            expected[g, p] += 1
+        np.testing.assert_array_equal(counts.numpy(), expected)
+
+    def test_ignore_index_outside_the_label_dtype(self):
+        # -1 against a uint8 label: numpy ignores nothing; torch must not wrap -1 to 255 and ignore those pixels
+        pred, label = np.array([[0, 1]]), np.array([[255, 1]], np.uint8)
+        numpy_matrix, torch_matrix = ConfusionMatrix(2, ignore_index=-1), ConfusionMatrix(2, ignore_index=-1)
+        numpy_matrix.update(pred, label)
+        torch_matrix.update(torch.from_numpy(pred), label)
+        np.testing.assert_array_equal(torch_matrix.matrix, numpy_matrix.matrix)
+
+    def test_a_batch_is_one_sum(self):
+        rng = np.random.default_rng(5)
+        pairs = random_pairs(rng, 4, n=6)
+        one_by_one, batch = ConfusionMatrix(4), ConfusionMatrix(4)
+        for pred, label in pairs:
+            one_by_one.update(pred, label)
+        # mixed: tensors and numpy pairs in one call
+        batch.update_many([(torch.from_numpy(p) if i % 2 else p, label) for i, (p, label) in enumerate(pairs)])
+        np.testing.assert_array_equal(batch.matrix, one_by_one.matrix)
+
+    def test_the_same_refusals(self):
+        with pytest.raises(InputError, match="resolution"):
+            ConfusionMatrix(2).update(torch.zeros((4, 4), dtype=torch.long), np.zeros((4, 5), np.uint8))
+        with pytest.raises(InputError, match="integer"):
+            ConfusionMatrix(2).update(torch.zeros((2, 2)), np.zeros((2, 2), np.uint8))

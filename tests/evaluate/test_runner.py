@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from coninfer.errors import InputError
@@ -63,6 +64,25 @@ def test_ground_truth_scores_100(loveda_root):
 def test_random_predictions_match_independent_metric(loveda_root):
     result = evaluate_dataset("loveda", loveda_root, noisy, context_size=3, progress=False)
     assert result.value == pytest.approx(independent_miou(loveda_root))
+
+
+def test_tensor_predictions_give_the_same_result(loveda_root, monkeypatch):
+    """The tile step hands back labels on the model's device: scored there, with the numpy path's result, and the
+    runner copies one matrix per batch (update_many), not each prediction (np.asarray of a tensor)."""
+    on_host = evaluate_dataset("LoveDA", loveda_root, noisy, context_size=3, progress=False)
+    monkeypatch.setattr(np, "asarray", _refuse_tensors(np.asarray))
+    on_device = evaluate_dataset("LoveDA", loveda_root, lambda images: [torch.from_numpy(p).to(torch.uint8)
+                                                                        for p in noisy(images)],
+                                 context_size=3, progress=False)
+    assert on_device.to_dict() == on_host.to_dict()
+
+
+def _refuse_tensors(asarray):
+    def checked(value, *args, **kwargs):
+        assert not isinstance(value, torch.Tensor), "a prediction tensor was copied to the host"
+        return asarray(value, *args, **kwargs)
+
+    return checked
 
 
 def test_batches_follow_file_order_and_context_size(loveda_root):

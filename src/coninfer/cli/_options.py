@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from coninfer.settings import METHODS, PRIORS, VARIANTS, InferenceSettings, SceneOptions
+from coninfer.settings import CONTEXTS, METHODS, PRIORS, VARIANTS, InferenceSettings, SceneOptions
 
 _DEFAULTS = InferenceSettings()
 _SCENE = SceneOptions()
@@ -20,8 +20,17 @@ def _stack(*decorators):
     return apply
 
 
-def model_options(*, vfm_default: str | None, vfm_help: str):
-    """--vlm, --vfm, --device, --precision."""
+COMPILE_HELP = ("torch.compile both encoders (off by default): the first batches compile (seconds to minutes, two "
+                "or three times a run), later ones may run faster (on a 2-core CPU they did not, README 'Speed'); "
+                "labels as eager up to float rounding. Needs a C++ compiler on the CPU; a failure stops the run "
+                "with a hint.")
+
+
+def model_options(*, vfm_default: str | None, vfm_help: str, compile_option: bool = False):
+    """--vlm, --vfm, --device, --precision; with ``compile_option`` also --compile (``compile_models``).
+
+    ``compile_option`` is opt-in so that a command adds --compile together with the parameter that receives it."""
+    compile_flag = [click.option("--compile", "compile_models", is_flag=True, help=COMPILE_HELP)] if compile_option else []
     return _stack(
         click.option("--vlm", default="clip-b16", show_default=True,
                      help="CLIP preset, local checkpoint/folder or hub id (`coninfer models list`)."),
@@ -32,6 +41,7 @@ def model_options(*, vfm_default: str | None, vfm_help: str):
                      help="auto = fp16 on CUDA; on the CPU bf16 where it multiplies bf16 natively (AVX512-BF16 or "
                           "AMX-BF16: DINOv3-L 5x faster, labels not identical, README 'Speed'), else fp32. "
                           "fp32 = exact parity with the official code."),
+        *compile_flag,
     )
 
 
@@ -64,9 +74,10 @@ def method_options(*, lambda_default_help: str):
 def scene_options():
     """--tile-size, --overlap, --context, --context-size, --batch-size, --model-res."""
     return _stack(
-        click.option("--context", type=click.Choice(["scene", "batch", "none"]), default=_SCENE.context,
-                     show_default=True,
-                     help="Tiles per solver run: the whole scene, --context-size tiles (paper), or none (prior only)."),
+        click.option("--context", type=click.Choice(CONTEXTS), default=_SCENE.context, show_default=True,
+                     help="Tiles per solver run: the whole scene (one mixture per input), every tile of every "
+                          "input (collection: one mixture over all), --context-size tiles (batch, paper), or none "
+                          "(prior only)."),
         click.option("--context-size", type=int, default=_SCENE.context_size, show_default=True,
                      help="Tiles per solver run for --context batch."),
         click.option("--tile-size", type=int, default=_SCENE.tile_size, show_default=True,

@@ -38,7 +38,7 @@ Examples:
               "(required for `all`: each dataset is looked for in its own subfolder, e.g. data/potsdam).")
 @model_options(vfm_default=None, vfm_help="VFM preset/path [default: the paper's per dataset: DINOv3 ViT-L/16 SAT, "
                "ViT-H+/16 LVD for UAVid and VDD]. Pixels get the SAT-493M statistics, as in the reference code. "
-               "Unused by --method baseline and --vfm-features clip.")
+               "Unused by --method baseline and --vfm-features clip.", compile_option=True)
 @method_options(lambda_default_help="the dataset's config, 0.6 or 0.1; with --vlm-variant: that variant's")
 @click.option("--context-size", type=click.IntRange(min=1), default=50, show_default=True,
               help="Images per solver run (the paper's batch size; results depend on it and on file order).")
@@ -64,7 +64,7 @@ Examples:
               "this run's; repeat the option for several files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-dataset messages.")
 def eval_command(dataset: str, data_root: Path, vlm: str, vfm: str | None, device: str, precision: str,
-                 method: str, vlm_variant: str | None, attn_lambda: float | None, temperature: float | None,
+                 compile_models: bool, method: str, vlm_variant: str | None, attn_lambda: float | None, temperature: float | None,
                  iterations: int | None, vfm_features: str, prior: str, upsampler: str | None,
                  context_size: int, limit: int | None,
                  output: Path | None, markdown: Path | None, state_dir: Path | None, overwrite: bool,
@@ -102,7 +102,7 @@ def eval_command(dataset: str, data_root: Path, vlm: str, vfm: str | None, devic
                      iterations=iterations, prior=prior, upsampler=upsampler,
                      segearth_protocol=segearth_protocol)
     compared = [result for path in compare_files for result in read_results_json(path)]  # read before the run
-    encoders = EncoderCache(str(dist.device), precision)  # cuda:LOCAL_RANK under torchrun
+    encoders = EncoderCache(str(dist.device), precision, compile_models=compile_models)  # cuda:LOCAL_RANK under torchrun
     results = []
     for spec, root in found:
         if len(found) > 1 and not quiet:

@@ -63,13 +63,18 @@ class RunOptions:
 
 class EncoderCache:
     """Loads the encoders on first use (a finished, resumed dataset loads none) and keeps the last pair, so
-    that `eval all` loads each model once while holding one set of weights in memory."""
+    that `eval all` loads each model once while holding one set of weights in memory. ``compile_models``
+    (``--compile``): each encoder is torch-compiled once, when loaded; not part of a result's settings (like the
+    thread count, it changes float rounding only)."""
 
-    def __init__(self, device: str, precision: str) -> None:
-        from coninfer.tile_step import resolve_device, resolve_dtype
+    def __init__(self, device: str, precision: str, *, compile_models: bool = False) -> None:
+        from coninfer.tile_step import check_compile_available, resolve_device, resolve_dtype
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(precision, self.device)
+        self.compile_models = compile_models
+        if compile_models:
+            check_compile_available(self.device)  # before any dataset is read
         self._key: tuple[str, str | None] | None = None
         self._encoders: tuple[Any, Any] = (None, None)
         self._upsampler: tuple[str | None, Any] = (None, None)
@@ -82,6 +87,12 @@ class EncoderCache:
             self._encoders = (None, None)  # free the old weights before loading new ones
             clip = presets.load_vlm(vlm, device=self.device, dtype=self.dtype)
             vfm_model = presets.load_vfm(vfm, device=self.device, dtype=self.dtype) if vfm else None
+            if self.compile_models:
+                from coninfer.tile_step import compile_encoder
+
+                for encoder in (clip, vfm_model):
+                    if encoder is not None:
+                        compile_encoder(encoder)
             self._key, self._encoders = (vlm, vfm), (clip, vfm_model)
         return self._encoders
 
@@ -128,7 +139,7 @@ def _tile_step_predictor(spec, encoders: EncoderCache, run: RunOptions, settings
                          ) -> tuple[Callable, dict[str, Any]]:
     """ConInfer's tile step over each batch of images (the batch is the solver's context)."""
     from coninfer.prompts import ClassList
-    from coninfer.tile_step import Models, infer_tiles
+    from coninfer.tile_step import Models, infer_labels
 
     config = spec.coninfer
     vfm_source = (run.vfm or config.vfm_preset) if settings.needs_vfm else None
@@ -144,7 +155,7 @@ def _tile_step_predictor(spec, encoders: EncoderCache, run: RunOptions, settings
                                  encoders.device, encoders.dtype,
                                  vfm_normalization=(config.vfm_normalization.mean, config.vfm_normalization.std)
                                  if vfm_model else None, upsampler=upsampler))
-        return [result.labels for result in infer_tiles(models[0], images, settings, probabilities=False)]
+        return infer_labels(models[0], images, settings)  # left on the device: the confusion matrix is counted there
 
     return predict_batch, {"vlm": run.vlm, "vfm": vfm_source, "upsampler": run.upsampler,
                            "clip": asdict(settings.clip), "inference": asdict(settings)}
@@ -153,7 +164,7 @@ def _tile_step_predictor(spec, encoders: EncoderCache, run: RunOptions, settings
 def _segearth_ov_predictor(spec, encoders: EncoderCache, run: RunOptions, settings: InferenceSettings, segearth
                            ) -> tuple[Callable, dict[str, Any]]:
     """SegEarth-OV alone, image by image at each image's own size (no context: the batch only groups images)."""
-    import numpy as np
+    import torch
 
     from coninfer.prompts import ClassList
     from coninfer.segearth_ov import segment_image
@@ -169,8 +180,9 @@ def _segearth_ov_predictor(spec, encoders: EncoderCache, run: RunOptions, settin
             clip, _ = encoders.get(run.vlm, None)
             loaded.append((clip, encoders.upsampler(run.upsampler), clip.encode_queries(list(classes.queries))))
         clip, upsampler, queries = loaded[0]
+        # labels stay on the device: the runner counts the confusion matrix there
         return [segment_image(clip, upsampler, image, queries, classes.query_to_class, segearth).labels
-                .to("cpu").numpy().astype(np.uint8) for image in images]
+                .to(torch.uint8) for image in images]
 
     return predict_batch, {"vlm": run.vlm, "vfm": None, "upsampler": run.upsampler,
                            "clip": asdict(segearth.clip_settings), "inference": asdict(settings),

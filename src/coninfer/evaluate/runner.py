@@ -44,7 +44,8 @@ from coninfer.evaluate.specs import METRIC_MIOU, DatasetSpec, load_dataset_spec
 if TYPE_CHECKING:
     from coninfer.distributed import Dist
 
-PredictBatch = Callable[[list[np.ndarray]], Sequence[np.ndarray]]
+PredictBatch = Callable[[list[np.ndarray]], Sequence[Any]]
+"""images -> one (H, W) integer class map per image: numpy arrays, or torch tensors on any device."""
 _STATE_VERSION = 1
 
 
@@ -171,7 +172,8 @@ def _check_predictions(predictions: Sequence[np.ndarray], labels: list[np.ndarra
             hint="return one (H, W) class map per input image, in order",
         )
     for offset, (prediction, label) in enumerate(zip(predictions, labels, strict=True)):
-        shape = np.shape(prediction)
+        # a tensor's own shape: np.shape would copy a GPU tensor to the host (or fail) to read it
+        shape = tuple(prediction.shape) if hasattr(prediction, "shape") else np.shape(prediction)
         if shape != label.shape:  # only a caller's predict_batch: load_sample gives labels of their image's size
             raise InputError(
                 f"predict_batch returned a {shape} map for image {first + offset}, whose label is {label.shape}",
@@ -195,9 +197,10 @@ def evaluate_dataset(
     """Run ``predict_batch`` over a converted dataset and score it like mmseg's IoUMetric.
 
     ``predict_batch(images)``: images are (H, W, 3) uint8 RGB arrays; it returns one (H, W) integer class map per
-    image, at the label's resolution. ``settings`` (JSON-serialisable) are stored with the result and must match
-    for a resume. ``dist``: this process's place in a multi-process run (default:
-    :func:`coninfer.distributed.current`); every rank returns the same result, only rank 0 writes the state.
+    image, at the label's resolution (numpy, or a torch tensor on any device: scored there). ``settings``
+    (JSON-serialisable) are stored with the result and must match for a resume. ``dist``: this process's place in
+    a multi-process run (default: :func:`coninfer.distributed.current`); every rank returns the same result, only
+    rank 0 writes the state.
     """
     from coninfer import distributed
 
@@ -245,8 +248,8 @@ def _score_batch(spec: DatasetSpec, batch: list, predict_batch: PredictBatch, ma
     images, labels = zip(*(load_sample(spec, s) for s in batch), strict=True)
     predictions = predict_batch(list(images))
     _check_predictions(predictions, list(labels), first)
-    for prediction, label in zip(predictions, labels, strict=True):
-        matrix.update(np.asarray(prediction), label)
+    # predictions may be tensors on the model's device: counted there, one (C+1, C+1) matrix back per batch
+    matrix.update_many(zip(predictions, labels, strict=True))
 
 
 def _start_state(dist: Dist, spec: DatasetSpec, state_path: Path | None, fingerprint: dict[str, Any]

@@ -250,8 +250,9 @@ def to_model_input(tiles: Sequence[torch.Tensor], size: int, normalization, devi
         if tuple(pixels.shape[2:]) != (size, size):
             pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True,
                                    align_corners=False).clamp(0, 255)
-        batch.append((pixels - mean) / std)
-    return torch.cat(batch).to(dtype)
+        # in place on the fresh float copy: the same two roundings as (pixels - mean) / std, no temporaries
+        batch.append(pixels.sub_(mean).div_(std))
+    return (batch[0] if len(batch) == 1 else torch.cat(batch)).to(dtype)
 
 
 def stack_on_device(tiles: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -166,12 +166,8 @@ class Segmenter:
         # the run work under its locks
         with (_fs.hold_outputs(targets.values()) if dist.is_main else nullcontext()), gdal_env(source):
             targets = check_outputs(source, targets, overwrite=overwrite)  # again, now that no one else writes
-            scene = path if isinstance(path, read.Scene) else read.open_scene(path, bands=bands, nodata=nodata)
-            if read.scene_is_empty(scene):
-                raise InputError(f"{source} is entirely nodata", hint="check the nodata value / mask of the input")
             # before the work folder exists: a run that cannot fit leaves nothing behind
-            check_memory(run_shape(self.models, self.settings, scene_grid(scene.width, scene.height, options),
-                                   options), device=self.models.device)
+            scene = self._open_checked(path, options, bands, nodata)
             folder = self._workdir(scene, options, workdir)
             queries = self._query_folder(folder, options)
             with locked_folder(folder) if dist.is_main else nullcontext():
@@ -407,11 +403,15 @@ class Segmenter:
         return reports
 
     def _open_checked(self, source, options: SceneOptions, bands, nodata) -> read.Scene:
-        """An input opened and checked as :meth:`segment_file` does before any work (bands, nodata, memory)."""
-        with gdal_env(source):
-            scene = read.open_scene(source, bands=bands, nodata=nodata)
+        """An input (a path, or a scene opened already) opened and checked before any work: bands, nodata, and
+        the memory a run of it needs."""
+        if isinstance(source, read.Scene):
+            scene = source
+        else:
+            with gdal_env(source):
+                scene = read.open_scene(source, bands=bands, nodata=nodata)
         if read.scene_is_empty(scene):
-            raise InputError(f"{source} is entirely nodata", hint="check the nodata value / mask of the input")
+            raise InputError(f"{scene.path} is entirely nodata", hint="check the nodata value / mask of the input")
         check_memory(run_shape(self.models, self.settings, scene_grid(scene.width, scene.height, options), options),
                      device=self.models.device)
         return scene

@@ -357,18 +357,13 @@ def test_rank_without_gpu_is_refused(launch_env):
     assert "--nproc-per-node" in info.value.hint
 
 
-@pytest.mark.slow
-def test_eval_command_under_torchrun_writes_the_single_process_json(tmp_path, monkeypatch):
-    """`torchrun -m coninfer eval` with 2 processes and the tiny models: the same results JSON as 1 process."""
-    write_loveda(tmp_path / "data")
-    monkeypatch.setenv("CONINFER_CACHE", str(tmp_path / "cache"))
-    args = ["eval", "LoveDA", "--data-root", str(tmp_path / "data"), "--vlm", "tiny-random", "--vfm", "tiny-random",
-            "--device", "cpu", "--precision", "fp32", "--context-size", "2", "-q"]
+def _one_and_torchrun_two(one_args: list[str], two_args: list[str]):
+    """``coninfer one_args`` in this process with one thread (as torchrun's workers, OMP_NUM_THREADS=1: the same
+    float rounding), then ``torchrun --nproc-per-node=2 -m coninfer two_args``; both must succeed."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the same float rounding
+    torch.set_num_threads(1)
     try:
-        one = CliRunner().invoke(main, [*args, "--output", str(tmp_path / "one.json"),
-                                        "--state-dir", str(tmp_path / "state1")])
+        one = CliRunner().invoke(main, one_args)
     finally:
         torch.set_num_threads(threads)
     assert one.exit_code == 0, one.output
@@ -376,10 +371,23 @@ def test_eval_command_under_torchrun_writes_the_single_process_json(tmp_path, mo
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in LAUNCH_ENV:
         env.pop(name, None)
-    two = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "coninfer", *args,
-                          "--output", str(tmp_path / "two.json"), "--state-dir", str(tmp_path / "state2")],
+    two = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "coninfer", *two_args],
                          env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
     assert two.returncode == 0, two.stderr[-2000:]
+    return one, two
+
+
+@pytest.mark.slow
+def test_eval_command_under_torchrun_writes_the_single_process_json(tmp_path, monkeypatch):
+    """`torchrun -m coninfer eval` with 2 processes and the tiny models: the same results JSON as 1 process."""
+    write_loveda(tmp_path / "data")
+    monkeypatch.setenv("CONINFER_CACHE", str(tmp_path / "cache"))
+    args = ["eval", "LoveDA", "--data-root", str(tmp_path / "data"), "--vlm", "tiny-random", "--vfm", "tiny-random",
+            "--device", "cpu", "--precision", "fp32", "--context-size", "2", "-q"]
+    one, two = _one_and_torchrun_two([*args, "--output", str(tmp_path / "one.json"), "--state-dir",
+                                      str(tmp_path / "state1")],
+                                     [*args, "--output", str(tmp_path / "two.json"), "--state-dir",
+                                      str(tmp_path / "state2")])
     assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
     assert two.stdout == one.output  # the table, printed once (by rank 0)
 
@@ -399,20 +407,7 @@ def test_segment_command_under_torchrun_writes_the_single_process_bytes(tmp_path
                 "fp32", "--tile-size", "32", "--overlap", "4", "--model-res", "32", "--batch-size", "2",
                 "--probabilities", str(tmp_path / f"{tag}_p.tif"), "--workdir", str(tmp_path / f"work-{tag}")]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the same float rounding
-    try:
-        one = CliRunner().invoke(main, [*args("one"), "--quiet"])
-    finally:
-        torch.set_num_threads(threads)
-    assert one.exit_code == 0, one.output
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in LAUNCH_ENV:
-        env.pop(name, None)
-    two = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "coninfer", *args("two")],
-                         env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
-    assert two.returncode == 0, two.stderr[-2000:]
+    _, two = _one_and_torchrun_two([*args("one"), "--quiet"], args("two"))
     for suffix in (".tif", "_p.tif"):
         assert (tmp_path / f"two{suffix}").read_bytes() == (tmp_path / f"one{suffix}").read_bytes(), suffix
     reports = [json.loads((tmp_path / f"{tag}.json").read_text()) for tag in ("one", "two")]

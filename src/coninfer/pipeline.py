@@ -354,12 +354,9 @@ def stitch_scene(models: Models, settings: InferenceSettings, read_tile: TileRea
                 probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
                                             models.classes.query_to_class, post.logit_scale)[0].cpu().numpy()
                 _, valid = next(reads)
-            blocks = stitcher.add(index, probs, valid, prob_thd=post.prob_thd, bg_index=post.bg_index)
-            if index // grid.n_cols in rows:
-                yield from blocks
-            else:
-                for _ in blocks:  # the warm-up row: its blocks belong to the rank before
-                    pass
+            # the warm-up row's blocks belong to the rank before: only its sums are needed
+            yield from stitcher.add(index, probs, valid, prob_thd=post.prob_thd, bg_index=post.bg_index,
+                                    emit=index // grid.n_cols in rows)
             bar.update(1)
     finally:
         reads.close()

@@ -197,6 +197,7 @@ class BandStitcher:
         *,
         prob_thd: float = 0.0,
         bg_index: int = 0,
+        emit: bool = True,
     ) -> Iterator[StitchedBlock]:
         """Add tile ``index`` and return the blocks that became final (empty unless it ends a tile row).
 
@@ -210,6 +211,8 @@ class BandStitcher:
             valid: (T, T) bool, False where the tile has no data; None: all valid.
             prob_thd: pixels whose top probability is below it get ``bg_index`` (0: off), in emitted blocks.
             bg_index: background class, 0..C-1.
+            emit: False drops the blocks a completed row would return, without computing them (a warm-up row
+                whose blocks another rank writes); the band moves on as usual.
         """
         if self._pending_row is not None:
             raise RuntimeError(
@@ -228,6 +231,9 @@ class BandStitcher:
             self._accumulate(index, probs, valid)
         self._next_index += 1
         if self._next_index % self.grid.n_cols:
+            return iter(())
+        if not emit:
+            self._shift()
             return iter(())
         self._pending_row = index // self.grid.n_cols
         return self._emit(self._pending_row, prob_thd, bg_index)
@@ -264,11 +270,14 @@ class BandStitcher:
             width = min(BLOCK_WIDTH, grid.width - col)
             block = self._band[:, :rows, col : col + width]
             yield finalize_block(block, Window(col, top, width, rows), prob_thd, bg_index)
-        # move the band up one stride: the overlap rows carry over, the rest starts empty
-        carried = grid.tile_size - grid.stride
-        self._band[:, :carried] = self._band[:, grid.stride :]
-        self._band[:, carried:] = 0.0
+        self._shift()
         self._pending_row = None
+
+    def _shift(self) -> None:
+        """Move the band up one stride: the overlap rows carry over, the rest starts empty."""
+        carried = self.grid.tile_size - self.grid.stride
+        self._band[:, :carried] = self._band[:, self.grid.stride :]
+        self._band[:, carried:] = 0.0
 
 
 def read_ahead(read: Callable[[Window], T], windows: Iterable[Window], depth: int = 2) -> Iterator[T]:

@@ -8,7 +8,8 @@ tiny-random presets or full-size random CLIP B/16 + DINOv3 L/16 (``full-random``
 
 - scene path: ``Segmenter.segment_file`` on a size² uint8 RGB GeoTIFF (a mosaic of ../shared/data's Köln sample,
   tiled, deflate, written once into a temporary folder), class-map COG only, 448² tiles, ``--context scene``;
-- eval path: ``tile_step.infer_tiles`` on batches of 50 448² tiles cut from the same mosaic.
+- eval path: ``tile_step.infer_labels`` (what ``coninfer eval`` runs: labels only, left on the device) on batches
+  of 50 448² tiles cut from the same mosaic.
 
 Each pass's share of the wall time is timed by wrapping the functions the passes call (the tile reader, the
 encoders, the stitcher); ``model`` is the time inside the encoders, so ``1 - model`` is the share the device
@@ -181,6 +182,8 @@ def scene_run(models, scene: Path, folder: Path, batch_size: int) -> tuple[dict,
                 timer.seconds[f"read_{reads['now']}"] += time.perf_counter() - tick
                 return result
 
+            if hasattr(read_tile, "validity"):  # a file without masks: the stitch pass reads nothing
+                read.validity = read_tile.validity
             yield read
 
     def stitch(*args, **kwargs):
@@ -212,18 +215,21 @@ def scene_parts(report: dict, seconds: dict[str, float], wall: float) -> dict[st
 
 
 def eval_run(models, tiles: np.ndarray, batch: int) -> tuple[dict[str, float], float]:
-    """infer_tiles over ``tiles`` (N, 448, 448, 3) in batches; seconds per part (encode includes the model)."""
+    """infer_labels over ``tiles`` (N, 448, 448, 3) in batches; seconds per part (encode includes the model)."""
     from coninfer import tile_step
     from coninfer.settings import InferenceSettings
 
     timer = Timer(models.device)
     settings = InferenceSettings()
-    tile_step.infer_tiles(models, tiles[:batch], settings)  # warm-up: first-call allocations, kernels
+    tile_step.infer_labels(models, tiles[:batch], settings)  # warm-up: first-call allocations, kernels
     tick = time.perf_counter()
     with patched(tile_step, "encode_tiles", timer.wrap("encode", tile_step.encode_tiles, sync=True)), \
             patched(tile_step, "solve", timer.wrap("solve", tile_step.solve, sync=True)), model_timing(models, timer):
         for first in range(0, len(tiles), batch):
-            tile_step.infer_tiles(models, tiles[first : first + batch], settings)
+            labels = tile_step.infer_labels(models, tiles[first : first + batch], settings)
+        if models.device.type == "cuda":
+            torch.cuda.synchronize(models.device)
+    del labels
     wall = time.perf_counter() - tick
     seconds = dict(timer.seconds)
     parts = {"model": seconds.get("model", 0.0), "encode": seconds.get("encode", 0.0) - seconds.get("model", 0.0),

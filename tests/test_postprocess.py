@@ -139,6 +139,28 @@ class TestLabels:
         assert result.labels.shape == (2, 11, 12)
 
 
+class TestLabelsTorch:
+    @pytest.mark.parametrize("shape", [(1, 6, 33, 47), (7, 20, 21), (2, 300, 9, 11), (1, 5, 3)])
+    def test_same_rule_as_torch_argmax(self, shape: tuple[int, ...]) -> None:
+        """The element-wise class loop gives torch.argmax's labels: ties to the first class, the first NaN wins."""
+        generator = torch.Generator().manual_seed(len(shape) * 100 + shape[-3])
+        # few distinct values: many ties
+        probabilities = torch.randint(0, 4, shape, generator=generator).float() / 4
+        nan = torch.rand(shape, generator=generator) < 0.05
+        for values in (probabilities, probabilities.masked_fill(nan, float("nan"))):
+            for prob_thd, bg_index in ((0.0, 0), (0.5, shape[-3] - 1)):
+                expected = values.argmax(dim=-3)
+                expected[values.amax(dim=-3) < prob_thd] = bg_index
+                labels = labels_from_probabilities(values, prob_thd, bg_index)
+                assert labels.dtype == torch.int64
+                torch.testing.assert_close(labels, expected, rtol=0, atol=0)
+
+    def test_a_later_nan_never_replaces_an_earlier_one(self) -> None:
+        nan = float("nan")
+        probabilities = torch.tensor([[0.1, nan, 0.5, nan], [nan, 0.2, 0.5, nan], [0.3, 0.9, nan, 0.1]])
+        assert labels_from_probabilities(probabilities.view(3, 1, 4)).tolist() == [[1, 0, 2, 0]]
+
+
 class TestLabelsNumpy:
     @pytest.mark.parametrize("num_classes", [1, 2, 7, 300])
     def test_same_rule_as_numpy_argmax(self, num_classes: int) -> None:

@@ -26,6 +26,7 @@ from coninfer.pipeline import (
     MemoryStore,
     array_reader,
     encode_scene,
+    file_reader,
     prior_scene,
     read_spooled,
     scene_grid,
@@ -179,6 +180,47 @@ class TestSeams:
             steps = _steps(probs, axis)
             border = [start - 1 for start in starts]
             assert steps[border].min() > 10 * np.delete(steps, border).max()
+
+
+class TestStitchValidity:
+    """The stitch pass takes a maskless file's validity from the windows (no second read of the file), with the
+    same blocks as when it reads every tile again."""
+
+    @staticmethod
+    def _blocks(models: Models, path: Path, *, nodata: float | None = None) -> tuple[list[tuple], int, bool]:
+        scene = read.open_scene(path, nodata=nodata)
+        grid = scene_grid(scene.width, scene.height, SceneOptions(tile_size=TILE, overlap=6))
+        patches = models.grid_size(SETTINGS.model_res) ** 2
+        store = MemoryStore(len(grid), patches, len(models.classes.queries))
+        with file_reader(scene) as read_tile:
+            encode_scene(models, SETTINGS, read_tile, grid, store.embeddings, batch_size=4)
+            prior_scene(models, SETTINGS, read_tile, grid, store, batch_size=4)
+            solve_store(store, SETTINGS, SceneOptions(tile_size=TILE, overlap=6), device=models.device)
+            reads = []
+
+            def counted(window):
+                reads.append(window)
+                return read_tile(window)
+
+            def plain(window):  # a reader without ``validity``: every tile is read again
+                return read_tile(window)
+
+            if hasattr(read_tile, "validity"):
+                counted.validity = read_tile.validity
+            blocks = TestBandStitch._flat(stitch_scene(models, SETTINGS, counted, grid, store))
+            assert blocks == TestBandStitch._flat(stitch_scene(models, SETTINGS, plain, grid, store))
+        return blocks, len(reads), hasattr(read_tile, "validity")
+
+    def test_a_maskless_file_is_not_read_again(self, models: Models, tmp_path: Path) -> None:
+        image = scenes.random_rgb(3 * TILE - 7, 2 * TILE + 5, seed=3)  # edge tiles padded: False past the edge
+        blocks, reads, cheap = self._blocks(models, scenes.rgb(tmp_path / "a.tif", image))
+        assert cheap and reads == 0 and blocks
+
+    def test_a_file_with_nodata_is(self, models: Models, tmp_path: Path) -> None:
+        image = scenes.random_rgb(3 * TILE - 7, 2 * TILE + 5, seed=3)
+        image[5:40, 3:20] = 0
+        _, reads, cheap = self._blocks(models, scenes.rgb(tmp_path / "a.tif", image), nodata=0)
+        assert not cheap and reads > 0
 
 
 class TestBandStitch:

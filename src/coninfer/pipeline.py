@@ -31,6 +31,7 @@ import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,10 @@ from coninfer.tile_step import Models, embed_tiles, query_logits, segearth_ov_lo
 logger = logging.getLogger(__name__)
 
 TileReader = Callable[["Window"], tuple[np.ndarray, np.ndarray]]  # noqa: F821 - rasterio Window
-"""``read(window) -> (rgb (3, h, w) uint8, valid (h, w) bool)``; parts past the scene edge are invalid zeros."""
+"""``read(window) -> (rgb (3, h, w) uint8, valid (h, w) bool)``; parts past the scene edge are invalid zeros.
+
+A reader may also carry ``read.validity(window) -> valid``, the same mask without the pixels: the stitch pass
+needs only that, and for a file without masks :func:`file_reader` gives it without reading the file."""
 
 STOP_AFTER_BATCHES_ENV = "CONINFER_STOP_AFTER_BATCHES"
 STOP_SIGNAL_ENV = "CONINFER_STOP_SIGNAL"
@@ -85,7 +89,8 @@ class ArrayScene:
 
 @contextmanager
 def file_reader(scene) -> Iterator[TileReader]:
-    """A :data:`TileReader` over a :class:`~coninfer.raster.read.Scene`, the file opened once."""
+    """A :data:`TileReader` over a :class:`~coninfer.raster.read.Scene`, the file opened once; with its
+    ``validity`` when the scene has no masks."""
     from rasterio.errors import RasterioError
 
     from coninfer.raster import read
@@ -100,6 +105,8 @@ def file_reader(scene) -> Iterator[TileReader]:
                                      hint="the file may be truncated or corrupt; check it with gdalinfo -checksum"
                                      ) from error
 
+        if not scene.masked:
+            read_tile.validity = partial(read.window_validity, scene)
         yield read_tile
 
 
@@ -328,7 +335,8 @@ def solve_context(store, tiles: Sequence[int], settings: InferenceSettings, chun
 def stitch_scene(models: Models, settings: InferenceSettings, read_tile: TileReader, grid: TileGrid, store, *,
                  rows: range | None = None, progress: bool = False) -> Iterator[StitchedBlock]:
     """Pass 4: final blocks (window, labels, probs, valid) band by band, in row order. Each tile's validity is
-    read again (one tile ahead, in a worker thread, while this one's probabilities are computed).
+    read again (one tile ahead, in a worker thread, while this one's probabilities are computed), or taken from
+    the reader's ``validity`` where it has one (a file without masks: no read at all).
 
     ``rows`` (default: all): only the blocks that these tile rows finish, a rank's share of a multi-process
     stitch. The tiles of the row before are added first and their blocks dropped, so every pixel sums the same
@@ -345,15 +353,18 @@ def stitch_scene(models: Models, settings: InferenceSettings, read_tile: TileRea
     stitcher = BandStitcher(grid, len(models.classes.names), first_row=first_row)
     post = settings.post
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress, desc="stitch", dynamic_ncols=True)
-    reads = read_ahead(read_tile, (grid.window(index) for index in tiles if index not in empty))
+
+    def tile_probabilities(index: int) -> np.ndarray:
+        z = torch.from_numpy(store.z[index]).to(models.device)  # (P, K)
+        return class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
+                                   models.classes.query_to_class, post.logit_scale)[0].cpu().numpy()
+
+    reads = _validities(read_tile, (grid.window(index) for index in tiles if index not in empty))
     try:
         for index in tiles:
             probs = valid = None
             if index not in empty:
-                z = torch.from_numpy(store.z[index]).to(models.device)  # (P, K)
-                probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
-                                            models.classes.query_to_class, post.logit_scale)[0].cpu().numpy()
-                _, valid = next(reads)
+                probs, valid = tile_probabilities(index), next(reads)
             # the warm-up row's blocks belong to the rank before: only its sums are needed
             yield from stitcher.add(index, probs, valid, prob_thd=post.prob_thd, bg_index=post.bg_index,
                                     emit=index // grid.n_cols in rows)
@@ -361,6 +372,20 @@ def stitch_scene(models: Models, settings: InferenceSettings, read_tile: TileRea
     finally:
         reads.close()
         bar.close()
+
+
+def _validities(read_tile: TileReader, windows: Iterable) -> Iterator[np.ndarray]:
+    """The validity of each window, in order: the reader's ``validity`` if it has one, else its reads."""
+    validity = getattr(read_tile, "validity", None)
+    if validity is not None:
+        yield from map(validity, windows)
+        return
+    reads = read_ahead(read_tile, windows)
+    try:
+        for _, valid in reads:
+            yield valid
+    finally:
+        reads.close()
 
 
 def spool_blocks(blocks: Iterable[StitchedBlock], path: Path) -> int:
@@ -407,6 +432,8 @@ def read_spooled(paths: Sequence[Path], num_classes: int) -> Iterator[StitchedBl
 
 def patch_validity(valid: np.ndarray, side: int) -> np.ndarray:
     """(side*side,) uint8: 1 where at least half of the patch's source pixels are valid."""
+    if valid.all():  # every patch fully valid (the usual tile): no counting needed
+        return np.ones(side * side, np.uint8)
     height, width = valid.shape
     rows = np.minimum((np.arange(height) * side) // height, side - 1)
     cols = np.minimum((np.arange(width) * side) // width, side - 1)

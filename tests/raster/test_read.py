@@ -16,6 +16,7 @@ from rasterio.windows import Window
 from conftest import require_shared
 from coninfer.errors import InputError, InputFileError
 from coninfer.raster import Georef, open_scene, parse_bands, read_overview, read_window, scene_is_empty
+from coninfer.raster.read import window_validity
 
 H, W, NODATA_COLS = rasters.HEIGHT, rasters.WIDTH, rasters.NODATA_COLS
 FULL = Window(0, 0, W, H)
@@ -157,6 +158,43 @@ class TestReadWindow:
         rgb, valid = read_overview(scene, max_size=25)
         assert rgb.shape == (3, 18, 25) and valid.shape == (18, 25)
         assert not valid[:, :3].any() and valid[:, 4:].all()
+
+
+class TestValidityWithoutRead:
+    """A scene with no mask, nodata, alpha, float data or transparent palette entry (``masked`` False) gets its
+    validity from the window alone: the stitch pass then reads nothing."""
+
+    WINDOWS = (Window(5, 7, 20, 11), Window(W - 10, H - 5, 32, 32), Window(-4, -3, 16, 16), Window(W + 5, 0, 8, 8),
+               Window(0, 0, W, H))
+
+    @pytest.mark.parametrize(("make", "bands"), [(rasters.rgb_uint8, None), (rasters.paletted, None),
+                                                 (lambda path: rasters.single_band(path, dtype="uint16"), [1])])
+    def test_same_mask_as_read_window(self, tmp_path: Path, make, bands) -> None:
+        make(tmp_path / "a.tif")
+        scene = open_scene(tmp_path / "a.tif", bands=bands)
+        assert not scene.masked
+        for window in self.WINDOWS:
+            np.testing.assert_array_equal(window_validity(scene, window), read_window(scene, window)[1])
+
+    @pytest.mark.parametrize(("make", "bands"), [
+        (rasters.rgba_uint8, None), (rasters.masked_uint8, None), (rasters.multispectral_uint16, [3, 2, 1]),
+        (lambda path: rasters.float_with_fill(path, 0.0), None),
+        (lambda path: rasters.single_band(path, nodata=3), [1])])
+    def test_masked_scenes_need_the_read(self, tmp_path: Path, make, bands) -> None:
+        make(tmp_path / "a.tif")
+        scene = open_scene(tmp_path / "a.tif", bands=bands)
+        assert scene.masked
+        with pytest.raises(ValueError, match="needs read_window"):
+            window_validity(scene, FULL)
+
+    def test_explicit_nodata_masks_a_plain_scene(self, tmp_path: Path) -> None:
+        rasters.rgb_uint8(tmp_path / "a.tif")
+        assert not open_scene(tmp_path / "a.tif").masked
+        assert open_scene(tmp_path / "a.tif", nodata=0).masked
+
+    def test_transparent_palette_entry_masks(self, tmp_path: Path) -> None:
+        rasters.paletted(tmp_path / "a.png")
+        assert open_scene(tmp_path / "a.png").masked
 
 
 class TestBadInput:

@@ -299,6 +299,27 @@ class TestBandStitcher:
         np.testing.assert_array_equal(labels[covered], field.argmax(axis=0)[covered])
 
 
+class TestFinalizeBlock:
+    def test_unit_weights_keep_the_sums_and_copy_them(self) -> None:
+        """Weights all 1 (no overlap, no nodata): p / 1 == p, so the division is skipped; the block owns its
+        probabilities, since the stitcher clears its band afterwards."""
+        generator = np.random.default_rng(0)
+        accumulated = np.concatenate([generator.random((3, 4, 5), np.float32), np.ones((1, 4, 5), np.float32)])
+        block = tiles_module.finalize_block(accumulated, Window(0, 0, 5, 4), 0.0, 0)
+        np.testing.assert_array_equal(block.probs, accumulated[:-1] / accumulated[-1])
+        np.testing.assert_array_equal(block.labels, accumulated[:-1].argmax(axis=0))
+        accumulated[:] = 0
+        assert block.probs.any()
+
+    def test_other_weights_are_divided(self) -> None:
+        accumulated = np.ones((3, 2, 2), np.float32)
+        accumulated[-1, 0, 0] = 2.0
+        accumulated[-1, 1, 1] = 0.0  # no tile: nodata
+        block = tiles_module.finalize_block(accumulated, Window(0, 0, 2, 2), 0.0, 0)
+        assert block.probs[:, 0, 0].tolist() == [0.5, 0.5] and block.probs[:, 0, 1].tolist() == [1.0, 1.0]
+        assert block.labels[1, 1] == tiles_module.NODATA_LABEL and not block.valid[1, 1]
+
+
 class TestReadAhead:
     def test_results_in_order_and_errors_where_they_belong(self) -> None:
         windows = [Window(col, 0, 4, 4) for col in range(6)]

@@ -82,6 +82,9 @@ class Scene:
     fill_values: tuple[float, ...] = ()
     stats_source: str = "decimated"
     pages: int = 1
+    masked: bool = True
+    """False when no pixel inside the raster can be invalid (no mask, nodata, alpha, float data or transparent
+    palette entry: :meth:`BandReader.reads_masks`), so validity needs no read (:func:`window_validity`)."""
     palette: np.ndarray | None = field(default=None, compare=False, repr=False)
     """(N, 4) uint8 RGBA colour table of the paletted band when ``expanded_palette``."""
 
@@ -205,15 +208,10 @@ def read_window(
     height, width = int(window.height), int(window.width)
     rgb = np.zeros((3, height, width), dtype=np.uint8)
     valid = np.zeros((height, width), dtype=bool)
-    try:
-        inner = window.intersection(Window(0, 0, scene.width, scene.height))
-    except WindowError:
+    inside = _inside(scene, window)
+    if inside is None:
         return rgb, valid  # entirely outside the raster: all padding
-    inner = inner.round_offsets().round_lengths()
-    if inner.width < 1 or inner.height < 1:
-        return rgb, valid
-    row0, col0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
-    rows, cols = slice(row0, row0 + int(inner.height)), slice(col0, col0 + int(inner.width))
+    inner, rows, cols = inside
     if src is None:
         with scene.open() as opened:
             data, mask = scene.reader.read(opened, window=inner)
@@ -222,6 +220,31 @@ def read_window(
     rgb[:, rows, cols] = to_uint8(data, mask, scene.stretch)
     valid[rows, cols] = mask
     return rgb, valid
+
+
+def window_validity(scene: Scene, window: Window) -> np.ndarray:
+    """:func:`read_window`'s validity of a scene without masks (``not scene.masked``), read from no file: True
+    inside the raster, False on the padding past its edges."""
+    if scene.masked:
+        raise ValueError(f"{scene.path} has masks or nodata: its validity needs read_window")
+    valid = np.zeros((int(window.height), int(window.width)), dtype=bool)
+    inside = _inside(scene, window)
+    if inside is not None:
+        valid[inside[1:]] = True
+    return valid
+
+
+def _inside(scene: Scene, window: Window) -> tuple[Window, slice, slice] | None:
+    """The part of ``window`` inside the raster, and its rows and columns within the window (None: no part)."""
+    try:
+        inner = window.intersection(Window(0, 0, scene.width, scene.height))
+    except WindowError:
+        return None
+    inner = inner.round_offsets().round_lengths()
+    if inner.width < 1 or inner.height < 1:
+        return None
+    row0, col0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
+    return inner, slice(row0, row0 + int(inner.height)), slice(col0, col0 + int(inner.width))
 
 
 def read_overview(scene: Scene, *, max_size: int = STATS_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -258,7 +281,8 @@ def _scene_from_dataset(
     reader = BandReader(selected, nodata, palette)
     stretch, fills, valid_fraction, stats_source = None, (), 1.0, "none"
     needs_stretch = dtype != "uint8" and palette is None
-    if needs_stretch or reader.reads_masks(src):
+    masked = reader.reads_masks(src)
+    if needs_stretch or masked:
         sample = sample_scene(src, reader)
         stats_source, valid_fraction = sample.source, float(sample.valid.mean())
         if needs_stretch:
@@ -280,6 +304,7 @@ def _scene_from_dataset(
         fill_values=fills,
         stats_source=stats_source,
         pages=pages,
+        masked=masked,
         palette=palette,
     )
 

@@ -308,7 +308,10 @@ def finalize_block(accumulated: np.ndarray, window: Window, prob_thd: float, bg_
     """
     weight_sum = accumulated[-1]
     valid = weight_sum > 0
-    probs = accumulated[:-1] / (weight_sum if valid.all() else np.where(valid, weight_sum, 1.0))
+    if (weight_sum == 1.0).all():  # no overlap and no nodata: p / 1 == p exactly, so the division is skipped
+        probs = accumulated[:-1].copy()
+    else:
+        probs = accumulated[:-1] / (weight_sum if valid.all() else np.where(valid, weight_sum, 1.0))
     labels = labels_from_probabilities_np(probs, prob_thd, bg_index)
     labels[~valid] = NODATA_LABEL
     return StitchedBlock(window=window, labels=labels, probs=probs.astype(np.float32, copy=False), valid=valid)

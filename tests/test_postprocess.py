@@ -116,6 +116,25 @@ class TestClassProbabilities:
             class_probabilities(torch.rand(2, 4, 4), (8, 8), [0, 1], logit_scale=logit_scale)
 
 
+class TestOutTensor:
+    def test_writes_into_and_returns_out(self) -> None:
+        grid = torch.rand(2, 4, 5, 5)
+        expected = class_probabilities(grid, (11, 12), [0, 0, 1, 2])
+        band = torch.zeros(2, 3, 11, 20)
+        out = band[:, :, :, 4:16]  # strided, like the stitcher's band
+        assert class_probabilities(grid, (11, 12), [0, 0, 1, 2], out=out) is out
+        torch.testing.assert_close(band[:, :, :, 4:16], expected, rtol=0, atol=0)
+        assert not band[:, :, :, :4].any() and not band[:, :, :, 16:].any()
+        single = torch.empty(3, 11, 12)
+        assert class_probabilities(grid[1], (11, 12), [0, 0, 1, 2], out=single) is single
+        torch.testing.assert_close(single, expected[1], rtol=0, atol=0)
+
+    @pytest.mark.parametrize("out", [torch.empty(2, 3, 11, 11), torch.empty(2, 3, 11, 12, dtype=torch.float64)])
+    def test_bad_out(self, out: torch.Tensor) -> None:
+        with pytest.raises(InputError, match="out must be a float32"):
+            class_probabilities(torch.rand(2, 4, 5, 5), (11, 12), [0, 0, 1, 2], out=out)
+
+
 class TestLabels:
     def test_first_index_wins_ties(self) -> None:
         probabilities = torch.tensor([0.4, 0.4, 0.2]).reshape(3, 1, 1).expand(3, 2, 2)

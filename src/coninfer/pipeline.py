@@ -354,17 +354,22 @@ def stitch_scene(models: Models, settings: InferenceSettings, read_tile: TileRea
     post = settings.post
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress, desc="stitch", dynamic_ncols=True)
 
-    def tile_probabilities(index: int) -> np.ndarray:
+    def tile_probabilities(index: int, valid: np.ndarray) -> np.ndarray:
+        """(C, T, T): written straight into the stitcher's band where it can take them (on the CPU)."""
         z = torch.from_numpy(store.z[index]).to(models.device)  # (P, K)
-        return class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
-                                   models.classes.query_to_class, post.logit_scale)[0].cpu().numpy()
+        target = stitcher.direct_target(index, valid) if models.device.type == "cpu" else None
+        probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
+                                    models.classes.query_to_class, post.logit_scale,
+                                    out=None if target is None else torch.from_numpy(target)[None])
+        return target if target is not None else probs[0].cpu().numpy()
 
     reads = _validities(read_tile, (grid.window(index) for index in tiles if index not in empty))
     try:
         for index in tiles:
             probs = valid = None
             if index not in empty:
-                probs, valid = tile_probabilities(index), next(reads)
+                valid = next(reads)
+                probs = tile_probabilities(index, valid)
             # the warm-up row's blocks belong to the rank before: only its sums are needed
             yield from stitcher.add(index, probs, valid, prob_thd=post.prob_thd, bg_index=post.bg_index,
                                     emit=index // grid.n_cols in rows)

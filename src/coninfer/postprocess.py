@@ -78,10 +78,13 @@ def class_probabilities(
     out_size: tuple[int, int],
     query_to_class: Sequence[int] | torch.Tensor,
     logit_scale: float = 5.0,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Class probabilities (B, C, H, W) float32 from z grids (B, K, h, w); (K, h, w) gives (C, H, W).
 
-    Images are processed one at a time so the (K, H, W) query probabilities exist for one image only.
+    Images are processed one at a time so the (K, H, W) query probabilities exist for one image only. ``out``:
+    a float32 tensor of the result's shape on z's device (any strides) to write them into and return.
     """
     if z_grid.ndim not in (3, 4) or not z_grid.is_floating_point():
         raise InputError(f"z_grid must be a float (B, K, h, w) or (K, h, w) tensor, got {tuple(z_grid.shape)}")
@@ -92,7 +95,14 @@ def class_probabilities(
         raise InputError(f"out_size must be positive, got {tuple(out_size)}")
     batched = z_grid if z_grid.ndim == 4 else z_grid.unsqueeze(0)
     members = _class_index(query_to_class, batched.shape[1])
-    output = torch.empty(batched.shape[0], len(members), height, width, dtype=torch.float32, device=z_grid.device)
+    shape = (batched.shape[0], len(members), height, width)
+    if out is None:
+        output = torch.empty(shape, dtype=torch.float32, device=z_grid.device)
+    elif tuple(out.shape) != shape[4 - z_grid.ndim :] or out.dtype != torch.float32 or out.device != z_grid.device:
+        raise InputError(f"out must be a float32 {shape[4 - z_grid.ndim:]} tensor on {z_grid.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    else:
+        output = out if z_grid.ndim == 4 else out.unsqueeze(0)
     batched = batched.to(torch.float32)
     for image in range(batched.shape[0]):
         # a slice keeps the grid's memory layout (channels-last for patches_to_grid's view, which torch then
@@ -107,6 +117,8 @@ def class_probabilities(
             output[image, cls] = query_probs[queries[0]]
             for query in queries[1:]:
                 torch.maximum(output[image, cls], query_probs[query], out=output[image, cls])
+    if out is not None:
+        return out
     return output if z_grid.ndim == 4 else output[0]
 
 

@@ -299,6 +299,48 @@ class TestBandStitcher:
         np.testing.assert_array_equal(labels[covered], field.argmax(axis=0)[covered])
 
 
+class TestDirectTarget:
+    """Probabilities written into the band's own cells give the blocks add() gives, bit for bit."""
+
+    @staticmethod
+    def _direct(grid: TileGrid, tiles: list) -> tuple[Blocks, int]:
+        stitcher, blocks, direct = BandStitcher(grid, 3), [], 0
+        for index, (probs, valid) in enumerate(tiles):
+            target = None if probs is None else stitcher.direct_target(index, valid)
+            if target is not None:
+                target[...] = probs
+                probs, direct = target, direct + 1
+            blocks.extend(stitcher.add(index, probs, valid))
+        assert stitcher.done
+        return blocks, direct
+
+    @staticmethod
+    def _flat(blocks: Blocks) -> list[tuple]:
+        return [(tuple(b.window.flatten()), b.labels.tobytes(), b.probs.tobytes(), b.valid.tobytes()) for b in blocks]
+
+    def test_same_blocks_as_adding(self) -> None:
+        grid = TileGrid(101, 70, 25, 0)  # 5 x 3 tiles, the last column past the right edge
+        tiles = _random_tiles(grid, 3, {7})
+        for index in (0, 1, 2, 5, 6):  # all valid: these may be written directly
+            tiles[index] = (tiles[index][0], np.ones_like(tiles[index][1]))
+        blocks, direct = self._direct(grid, tiles)
+        assert direct == 5
+        assert self._flat(blocks) == self._flat(_run(BandStitcher(grid, 3), tiles))
+
+    def test_none_where_the_weights_are_not_all_one(self) -> None:
+        ones = np.ones((25, 25), bool)
+        holes = ones.copy()
+        holes[3, 4] = False
+        assert BandStitcher(TileGrid(100, 50, 25, 5), 3).direct_target(0, ones) is None  # overlap
+        stitcher = BandStitcher(TileGrid(90, 50, 25, 0), 3)
+        assert stitcher.direct_target(0, holes) is None  # nodata pixels
+        assert stitcher.direct_target(1, ones) is None  # not the next tile
+        assert stitcher.direct_target(0, ones).shape == (3, 25, 25)
+        for index in range(3):
+            list(stitcher.add(index, np.ones((3, 25, 25), np.float32), ones))
+        assert stitcher.direct_target(3, ones) is None  # past the right edge (padding columns)
+
+
 class TestFinalizeBlock:
     def test_unit_weights_keep_the_sums_and_copy_them(self) -> None:
         """Weights all 1 (no overlap, no nodata): p / 1 == p, so the division is skipped; the block owns its

@@ -9,7 +9,11 @@ tiny-random presets or full-size random CLIP B/16 + DINOv3 L/16 (``full-random``
 - scene path: ``Segmenter.segment_file`` on a size² uint8 RGB GeoTIFF (a mosaic of ../shared/data's Köln sample,
   tiled, deflate, written once into a temporary folder), class-map COG only, 448² tiles, ``--context scene``;
 - eval path: ``tile_step.infer_labels`` (what ``coninfer eval`` runs: labels only, left on the device) on batches
-  of 50 448² tiles cut from the same mosaic.
+  of 50 448² tiles cut from the same mosaic;
+- eval from files (``--paths eval-files``): ``evaluate.runner.evaluate_dataset`` over the same tiles written as a
+  converted LoveDA folder (PNG images and labels), i.e. reading, decoding, the tile step and the confusion
+  matrix; once with the next batch read ahead in threads (as coninfer runs) and once read serially (the code
+  before), in turn, so the ratio comes from one run.
 
 Each pass's share of the wall time is timed by wrapping the functions the passes call (the tile reader, the
 encoders, the stitcher); ``model`` is the time inside the encoders, so ``1 - model`` is the share the device
@@ -18,6 +22,7 @@ waits on the plumbing.
     .venv/bin/python benchmarks/bench_pipeline.py                        # CPU, 4000², null + tiny
     .venv/bin/python benchmarks/bench_pipeline.py --device cuda --models null full-random --size 8000
     .venv/bin/python benchmarks/bench_pipeline.py --profile 25           # cProfile of the null scene run
+    .venv/bin/python benchmarks/bench_pipeline.py --paths eval-files --repeat 3   # eval from PNG files
 
 On a shared machine pass ``--repeat 3`` (the fastest scene run counts).
 """
@@ -238,6 +243,40 @@ def eval_run(models, tiles: np.ndarray, batch: int) -> tuple[dict[str, float], f
     return parts, wall
 
 
+def write_eval_folder(tiles: np.ndarray, folder: Path) -> Path:
+    """``tiles`` as a converted LoveDA dataset (img_dir/val, ann_dir/val PNGs; labels random 0..7)."""
+    from PIL import Image
+
+    generator = np.random.default_rng(0)
+    for sub in ("img_dir/val", "ann_dir/val"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for index, tile in enumerate(tiles):
+        Image.fromarray(tile).save(folder / "img_dir/val" / f"{index:05d}.png")
+        label = generator.integers(0, 8, tile.shape[:2], dtype=np.uint8)
+        Image.fromarray(label).save(folder / "ann_dir/val" / f"{index:05d}.png")
+    return folder
+
+
+def eval_files_run(models, root: Path, batch: int, *, read_ahead: bool) -> tuple[float, int]:
+    """(wall seconds, images) of evaluate_dataset over ``root`` with the tile step; ``read_ahead`` False reads
+    each batch serially in the main thread, as the runner did before."""
+    from coninfer import tile_step
+    from coninfer.evaluate import runner
+    from coninfer.settings import InferenceSettings
+
+    settings = InferenceSettings()
+
+    def serial(spec, batches):
+        for batch_samples in batches:
+            yield None if batch_samples is None else [runner.load_sample(spec, s) for s in batch_samples]
+
+    tick = time.perf_counter()
+    with patched(runner, "_read_ahead", runner._read_ahead if read_ahead else serial):
+        result = runner.evaluate_dataset("LoveDA", root, lambda images: tile_step.infer_labels(models, images, settings),
+                                         context_size=batch, progress=False)
+    return time.perf_counter() - tick, result.n_images
+
+
 def eval_tiles(scene: Path, count: int) -> np.ndarray:
     """``count`` 448² RGB tiles (N, H, W, 3) cut row-major from the scene (wrapping around)."""
     import rasterio
@@ -262,7 +301,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50, help="eval-path batch (the paper's context) [50]")
     parser.add_argument("--scene-batch", type=int, default=8, help="scene-path --batch-size [8]")
     parser.add_argument("--models", nargs="+", default=["null", "tiny"], choices=["null", "tiny", "full-random"])
-    parser.add_argument("--paths", nargs="+", default=["scene", "eval"], choices=["scene", "eval"])
+    parser.add_argument("--paths", nargs="+", default=["scene", "eval"], choices=["scene", "eval", "eval-files"])
     parser.add_argument("--repeat", type=int, default=1, help="scene runs per model; the fastest is shown [1]")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="cProfile the first model's scene run and print its N costliest functions")
@@ -271,7 +310,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         scene = build_scene(folder, args.size)
-        tiles = eval_tiles(scene, args.tiles) if "eval" in args.paths else None
+        tiles = eval_tiles(scene, args.tiles) if {"eval", "eval-files"} & set(args.paths) else None
+        root = write_eval_folder(tiles, folder / "loveda") if "eval-files" in args.paths else None
         for number, kind in enumerate(args.models):
             models = build_models(kind, device)
             if "scene" in args.paths:
@@ -286,7 +326,17 @@ def main() -> None:
                 count = report["tiles"]["total"]
                 print(f"scene {kind:<11} {args.size}² {count} tiles  {wall:6.2f} s  {count / wall:7.1f} tiles/s  "
                       f"{fractions(scene_parts(report, seconds, wall), wall)}", flush=True)
-            if tiles is not None:
+            if root is not None:
+                eval_files_run(models, root, args.batch, read_ahead=True)  # warm-up: page cache, first calls
+                runs = {True: [], False: []}
+                for _ in range(args.repeat):
+                    for ahead in (True, False):
+                        runs[ahead].append(eval_files_run(models, root, args.batch, read_ahead=ahead))
+                (ahead_wall, count), (serial_wall, _) = min(runs[True]), min(runs[False])
+                print(f"eval-files {kind:<6} {count} PNG x {TILE}² in {args.batch}s  read ahead {ahead_wall:6.2f} s "
+                      f"{count / ahead_wall:7.1f} img/s   serial {serial_wall:6.2f} s {count / serial_wall:7.1f} img/s"
+                      f"   ({serial_wall / ahead_wall:.2f}x)", flush=True)
+            if tiles is not None and "eval" in args.paths:
                 parts, wall = eval_run(models, tiles, args.batch)
                 print(f"eval  {kind:<11} {len(tiles)} x {TILE}² in {args.batch}s  {wall:6.2f} s  "
                       f"{len(tiles) / wall:7.1f} tiles/s  {fractions(parts, wall)}", flush=True)

@@ -177,3 +177,50 @@ def test_result_dict_round_trip():
     data = result.to_dict()
     assert set(data) == {"dataset", "method", "metric", "value", "per_class", "aAcc", "n_images", "settings"}
     assert EvalResult.from_dict(json.loads(json.dumps(data))) == result
+
+
+def test_the_next_batch_is_read_while_this_one_is_predicted(loveda_root, monkeypatch):
+    """Batch 0's prediction waits until a sample of batch 1 has been loaded: only a read ahead lets it finish.
+    (The wait's timeout only bounds a failing run; a passing one never reaches it.)"""
+    import threading
+
+    from coninfer.evaluate import runner
+
+    second_batch_read = threading.Event()
+    load = runner.load_sample
+
+    def watched(spec, sample):
+        if sample.name == "3003.png":  # the first image of batch 1 (context 3)
+            second_batch_read.set()
+        return load(spec, sample)
+
+    monkeypatch.setattr(runner, "load_sample", watched)
+    waited = []
+
+    def predict(images):
+        if not waited:
+            waited.append(second_batch_read.wait(timeout=30))
+        return noisy(images)
+
+    result = evaluate_dataset("LoveDA", loveda_root, predict, context_size=3, progress=False)
+    assert waited == [True]
+    assert result.to_dict() == evaluate_dataset("LoveDA", loveda_root, noisy, context_size=3,
+                                                progress=False).to_dict()
+
+
+def test_a_bad_file_in_a_later_batch_stops_there(loveda_root, tmp_path):
+    """Read ahead, the damaged image of batch 1 is still reported when batch 1 is scored: batch 0 is counted and
+    its state written first, as a serial read would have it."""
+    from coninfer.errors import InputFileError
+
+    (loveda_root / "img_dir/val/3004.png").write_bytes(b"not a png")
+    state = tmp_path / "state.json"
+    predicted = []
+
+    def counting(images):
+        predicted.append(len(images))
+        return noisy(images)
+
+    with pytest.raises(InputFileError, match="3004.png"):
+        evaluate_dataset("LoveDA", loveda_root, counting, context_size=3, state_path=state, progress=False)
+    assert predicted == [3] and json.loads(state.read_text())["n_done"] == 3

@@ -26,8 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
 PredictBatch = Callable[[list[np.ndarray]], Sequence[Any]]
 """images -> one (H, W) integer class map per image: numpy arrays, or torch tensors on any device."""
 _STATE_VERSION = 1
+READ_WORKERS = min(8, os.cpu_count() or 1)
+"""Threads that read and decode the next batch's images and labels while the current one is predicted (Pillow
+and GDAL release the GIL while they decode)."""
 
 
 def _percent(value: float) -> float | None:
@@ -218,13 +222,16 @@ def evaluate_dataset(
     bar = tqdm(total=len(samples), initial=done, desc=f"eval {spec.name}", unit="img",
                disable=not (progress and dist.is_main and sys.stderr.isatty()))  # fmt: skip
     batches = [samples[first : first + context_size] for first in range(done, len(samples), context_size)]
+    rounds = range(0, len(batches), dist.world_size)  # one round: a batch per rank
+    mine = [batches[start + dist.rank] if start + dist.rank < len(batches) else None for start in rounds]
+    loaded = _read_ahead(spec, mine)
     try:
-        for start in range(0, len(batches), dist.world_size):  # one round: a batch per rank
+        for start, pairs in zip(rounds, loaded, strict=True):
             round_batches = batches[start : start + dist.world_size]
             delta = _empty_matrix(spec)
-            if dist.rank < len(round_batches):
+            if pairs is not None:
                 first = done + dist.rank * context_size
-                _score_batch(spec, round_batches[dist.rank], predict_batch, delta, first)
+                _score_batch(pairs, predict_batch, delta, first)
             delta.matrix[...] = distributed.all_reduce_confusion(dist, delta.matrix)
             matrix.merge(delta)
             done += sum(len(batch) for batch in round_batches)
@@ -232,6 +239,7 @@ def evaluate_dataset(
                 _save_state(state_path, fingerprint, matrix, done)
             bar.update(sum(len(batch) for batch in round_batches))
     finally:
+        loaded.close()
         bar.close()
     result_settings = {"context_size": context_size, "limit": limit, **settings}
     return result_from_matrix(spec, matrix, method=method, n_images=len(samples), settings=result_settings)
@@ -242,10 +250,31 @@ def _empty_matrix(spec: DatasetSpec) -> ConfusionMatrix:
                            class_names=spec.class_names)
 
 
-def _score_batch(spec: DatasetSpec, batch: list, predict_batch: PredictBatch, matrix: ConfusionMatrix,
-                 first: int) -> None:
-    """Predict one batch (its first image is image ``first`` of the run) and add it to ``matrix``."""
-    images, labels = zip(*(load_sample(spec, s) for s in batch), strict=True)
+def _read_ahead(spec: DatasetSpec, batches: Sequence[list | None]) -> Iterator[list[tuple] | None]:
+    """The (image, label) pairs of each batch in order (None stays None: a round without a batch for this rank);
+    the next batch is read by :data:`READ_WORKERS` threads while the caller predicts this one. A read error is
+    raised where its batch is taken, as a serial read would raise it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=READ_WORKERS, thread_name_prefix="coninfer-eval-read")
+
+    def submit(batch: list | None):
+        return None if batch is None else [pool.submit(load_sample, spec, sample) for sample in batch]
+
+    try:
+        following = submit(batches[0]) if batches else None
+        for index in range(len(batches)):
+            current = following
+            following = submit(batches[index + 1]) if index + 1 < len(batches) else None
+            yield None if current is None else [future.result() for future in current]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _score_batch(pairs: list[tuple], predict_batch: PredictBatch, matrix: ConfusionMatrix, first: int) -> None:
+    """Predict one batch of (image, label) pairs (its first image is image ``first`` of the run) and add it to
+    ``matrix``."""
+    images, labels = zip(*pairs, strict=True)
     predictions = predict_batch(list(images))
     _check_predictions(predictions, list(labels), first)
     # predictions may be tensors on the model's device: counted there, one (C+1, C+1) matrix back per batch

@@ -5,6 +5,9 @@ A *null encoder* has the encoder interface (``dense_features``, ``patch_size``, 
 colour. A run with null encoders therefore measures everything but the models (reading, resizing, the store,
 the solver, stitching, COG writing): the ceiling the plumbing allows any accelerator. The same runs with the
 tiny-random presets or full-size random CLIP B/16 + DINOv3 L/16 (``full-random``) show where real models sit.
+``simulated`` stands in for an accelerator on a CPU-only machine: null encoders of full size (512 and 1024
+channels) that also sleep ``--device-ms`` per tile, which takes no host core, so the run shows what of the host's
+work overlaps the device's (``--inline-store`` adds runs with pass 1's store writes in the main thread).
 
 - scene path: ``Segmenter.segment_file`` on a size² uint8 RGB GeoTIFF (a mosaic of ../shared/data's Köln sample,
   tiled, deflate, written once into a temporary folder), class-map COG only, 448² tiles, ``--context scene``;
@@ -23,6 +26,7 @@ waits on the plumbing.
     .venv/bin/python benchmarks/bench_pipeline.py --device cuda --models null full-random --size 8000
     .venv/bin/python benchmarks/bench_pipeline.py --profile 25           # cProfile of the null scene run
     .venv/bin/python benchmarks/bench_pipeline.py --paths eval-files --repeat 3   # eval from PNG files
+    .venv/bin/python benchmarks/bench_pipeline.py --models simulated --device-ms 3 --paths scene --inline-store
 
 On a shared machine pass ``--repeat 3`` (the fastest scene run counts).
 """
@@ -69,7 +73,22 @@ class NullEncoder(torch.nn.Module):
         return F.normalize(tokens @ self.projection.to(tokens.device) + 0.1, dim=-1)
 
 
-def build_models(kind: str, device: torch.device):
+class SimulatedDevice(NullEncoder):
+    """A null encoder of full size (CLIP B/16's 512 channels, DINOv3 L/16's 1024) whose every call also sleeps
+    ``ms_per_tile`` per tile: an accelerator that works without taking a host core (a sleep releases the GIL and
+    the CPU), so a run shows how much of the time such a device would wait on the host."""
+
+    def __init__(self, dim: int, ms_per_tile: float, **kwargs) -> None:
+        super().__init__(dim, **kwargs)
+        self.ms_per_tile = ms_per_tile
+
+    def dense_features(self, pixel_values: torch.Tensor, settings=None) -> torch.Tensor:
+        features = super().dense_features(pixel_values, settings)
+        time.sleep(self.ms_per_tile * len(pixel_values) / 1000)
+        return features
+
+
+def build_models(kind: str, device: torch.device, device_ms: float = 1.0):
     from coninfer.prompts import ClassList
     from coninfer.tile_step import Models, load_models
 
@@ -78,6 +97,9 @@ def build_models(kind: str, device: torch.device):
         return load_models(classes, vlm="tiny-random", vfm="tiny-random", device=str(device), precision="fp32")
     if kind == "null":
         clip, vfm, embed = NullEncoder(32, seed=1, name="null-clip"), NullEncoder(64, seed=2, name="null-vfm"), 32
+    elif kind == "simulated":  # each encoder takes half the device time
+        clip = SimulatedDevice(512, device_ms / 2, seed=1, name="sim-clip")
+        vfm, embed = SimulatedDevice(1024, device_ms / 2, seed=2, name="sim-vfm"), 512
     else:  # full-size CLIP B/16 + DINOv3 L/16 with random weights: real arithmetic, meaningless labels
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_encoders import build_clip, build_dinov3
@@ -110,6 +132,23 @@ def build_scene(folder: Path, size: int) -> Path:
             rows = min(side, size - top)
             dst.write(strip[:, :rows], window=Window(0, top, size, rows))
     return path
+
+
+class InlineWriter:
+    """pipeline.OneBehind's interface, calling at once in the caller's thread: the store writes of the code
+    before the writer thread."""
+
+    def __init__(self, name: str) -> None:
+        pass
+
+    def submit(self, function: Callable, *args) -> None:
+        function(*args)
+
+    def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Timer:
@@ -300,32 +339,47 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=200, help="tiles of the eval path [200]")
     parser.add_argument("--batch", type=int, default=50, help="eval-path batch (the paper's context) [50]")
     parser.add_argument("--scene-batch", type=int, default=8, help="scene-path --batch-size [8]")
-    parser.add_argument("--models", nargs="+", default=["null", "tiny"], choices=["null", "tiny", "full-random"])
+    parser.add_argument("--models", nargs="+", default=["null", "tiny"],
+                        choices=["null", "tiny", "full-random", "simulated"])
+    parser.add_argument("--device-ms", type=float, default=1.0,
+                        help="simulated: device milliseconds per tile (both encoders together) [1.0]")
+    parser.add_argument("--inline-store", action="store_true",
+                        help="scene: also run with pass 1's batches stored in the main thread (the code before), "
+                             "in turn with the usual runs, for a ratio")
     parser.add_argument("--paths", nargs="+", default=["scene", "eval"], choices=["scene", "eval", "eval-files"])
     parser.add_argument("--repeat", type=int, default=1, help="scene runs per model; the fastest is shown [1]")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="cProfile the first model's scene run and print its N costliest functions")
     args = parser.parse_args()
     device = torch.device(args.device)
+    from coninfer import pipeline
+
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         scene = build_scene(folder, args.size)
         tiles = eval_tiles(scene, args.tiles) if {"eval", "eval-files"} & set(args.paths) else None
         root = write_eval_folder(tiles, folder / "loveda") if "eval-files" in args.paths else None
         for number, kind in enumerate(args.models):
-            models = build_models(kind, device)
+            models = build_models(kind, device, args.device_ms)
             if "scene" in args.paths:
                 profiler = cProfile.Profile() if args.profile and number == 0 else None
                 if profiler:
                     profiler.enable()
-                report, seconds, wall = min((scene_run(models, scene, folder, args.scene_batch)
-                                             for _ in range(args.repeat)), key=lambda run: run[2])
+                modes = ["", "inline-store"] if args.inline_store else [""]
+                runs = {mode: [] for mode in modes}
+                for _ in range(args.repeat):
+                    for mode in modes:
+                        with patched(pipeline, "OneBehind", InlineWriter if mode else pipeline.OneBehind):
+                            runs[mode].append(scene_run(models, scene, folder, args.scene_batch))
                 if profiler:
                     profiler.disable()
                     pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
-                count = report["tiles"]["total"]
-                print(f"scene {kind:<11} {args.size}² {count} tiles  {wall:6.2f} s  {count / wall:7.1f} tiles/s  "
-                      f"{fractions(scene_parts(report, seconds, wall), wall)}", flush=True)
+                for mode in modes:
+                    report, seconds, wall = min(runs[mode], key=lambda run: run[2])
+                    count = report["tiles"]["total"]
+                    print(f"scene {kind:<11} {args.size}² {count} tiles  {wall:6.2f} s  {count / wall:7.1f} tiles/s  "
+                          f"{fractions(scene_parts(report, seconds, wall), wall)}  pass 1 "
+                          f"{report['timings_s']['encode_s']:.2f} s {mode}", flush=True)
             if root is not None:
                 eval_files_run(models, root, args.batch, read_ahead=True)  # warm-up: page cache, first calls
                 runs = {True: [], False: []}

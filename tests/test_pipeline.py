@@ -10,7 +10,7 @@ import pytest
 from rasterio.windows import Window
 
 from coninfer.errors import InputError
-from coninfer.pipeline import ArrayScene, MemoryStore, array_reader, patch_validity, scene_grid
+from coninfer.pipeline import ArrayScene, MemoryStore, OneBehind, array_reader, patch_validity, scene_grid
 from coninfer.postprocess import labels_from_probabilities_np
 from coninfer.raster.tiles import finalize_block
 from coninfer.settings import SceneOptions
@@ -83,3 +83,35 @@ class TestMemoryStore:
         store.record(solved={0: [2]})
         assert (store.missing_tiles(), store.empty_tiles(), store.solved_contexts()) == ([1], [0], {0: [2]})
         assert store.features.dtype == np.float16 and store.features[2].sum() == 20
+
+
+class TestOneBehind:
+    def test_calls_run_in_order_one_at_a_time(self) -> None:
+        done: list[int] = []
+        writer = OneBehind("test-writer")
+        for number in range(5):
+            writer.submit(done.append, number)
+            assert done[:number] == list(range(number))  # submit waited for every call before this one
+        writer.close()
+        assert done == list(range(5))
+
+    def test_an_error_is_raised_at_the_next_submit(self) -> None:
+        def fail() -> None:
+            raise OSError("disk full")
+
+        writer = OneBehind("test-writer")
+        writer.submit(fail)
+        with pytest.raises(OSError, match="disk full"):
+            writer.submit(print)
+        writer.close()
+
+    def test_close_finishes_what_was_handed_over(self) -> None:
+        done: list[str] = []
+        writer = OneBehind("test-writer")
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                writer.submit(done.append, "batch")
+                raise KeyboardInterrupt
+            finally:
+                writer.close()
+        assert done == ["batch"]

@@ -182,6 +182,39 @@ class TestSeams:
             assert steps[border].min() > 10 * np.delete(steps, border).max()
 
 
+class TestStoreWrites:
+    def test_a_batch_is_stored_while_the_next_is_encoded(self, models: Models, monkeypatch) -> None:
+        """Storing batch 1 waits until batch 2 is being encoded: only a store in another thread lets the pass end.
+        (The wait's timeout only bounds a failing run.)"""
+        import threading
+
+        from coninfer import pipeline
+
+        image = scenes.random_rgb(TILE, 3 * TILE, seed=2)  # 3 tiles, batches of 1
+        grid = scene_grid(image.shape[1], image.shape[0], SceneOptions(tile_size=TILE))
+        embeddings = MemoryEmbeddings(len(grid), models.grid_size(SETTINGS.model_res) ** 2)
+        encoding_second = threading.Event()
+        encode, put, waited = pipeline.encode_adaptive, embeddings.put, []
+
+        def counted(*args, **kwargs):
+            encode_calls.append(1)
+            if len(encode_calls) == 2:
+                encoding_second.set()
+            return encode(*args, **kwargs)
+
+        def slow_put(indices, *args, **kwargs):
+            if indices == [0]:
+                waited.append(encoding_second.wait(timeout=30))
+            return put(indices, *args, **kwargs)
+
+        encode_calls: list[int] = []
+        monkeypatch.setattr(pipeline, "encode_adaptive", counted)
+        monkeypatch.setattr(embeddings, "put", slow_put)
+        with array_reader(ArrayScene(image)) as read_tile:
+            encode_scene(models, SETTINGS, read_tile, grid, embeddings, batch_size=1)
+        assert waited == [True] and embeddings.missing_tiles() == []
+
+
 class TestStitchValidity:
     """The stitch pass takes a maskless file's validity from the windows (no second read of the file), with the
     same blocks as when it reads every tile again."""

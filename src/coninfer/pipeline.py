@@ -144,7 +144,8 @@ def encode_scene(models: Models, settings: InferenceSettings, read_tile: TileRea
                  batch_size: int, tiles: Sequence[int] | None = None, progress: bool = False) -> None:
     """Pass 1: the class-independent embeddings (CLIP tokens, solver features, patch validity) of ``tiles``
     (default: every tile) that the embedding store does not hold yet, in groups of ``batch_size`` tiles, each
-    group recorded after its data; tiles without a valid pixel are recorded as empty, not encoded."""
+    group recorded after its data; tiles without a valid pixel are recorded as empty, not encoded. A group is
+    stored in a worker thread while the next one is read and encoded."""
     from tqdm import tqdm
 
     missing = set(embeddings.missing_tiles())
@@ -154,17 +155,57 @@ def encode_scene(models: Models, settings: InferenceSettings, read_tile: TileRea
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), unit="tile", disable=not progress, desc="encode",
                dynamic_ncols=True)
     encoder_batch = batch_size
-    for batch_number, (indices, kept, empty, pixels, masks) in enumerate(_read_batches(read_tile, grid, todo,
-                                                                                        batch_size), start=1):
-        if pixels:
-            clip, features, encoder_batch = encode_adaptive(models, settings, pixels, encoder_batch)
+
+    def store(kept: list[int], empty: list[int], encoded: tuple | None) -> None:
+        if encoded is not None:
+            clip, features, masks = encoded
             embeddings.put(kept, features, np.stack([patch_validity(mask, side) for mask in masks]), clip=clip)
-        embeddings.record(encoded=kept, empty=empty)
-        bar.update(len(indices))
-        if stop_after and batch_number >= stop_after:
-            # the test hook: a kill at a known point
-            os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get(STOP_SIGNAL_ENV, 'KILL')}"))
-    bar.close()
+        embeddings.record(encoded=kept, empty=empty)  # after the data: a kill in between leaves them missing
+
+    writer = OneBehind("coninfer-store-write")
+    try:
+        for batch_number, (indices, kept, empty, pixels, masks) in enumerate(_read_batches(read_tile, grid, todo,
+                                                                                            batch_size), start=1):
+            encoded = None
+            if pixels:
+                clip, features, encoder_batch = encode_adaptive(models, settings, pixels, encoder_batch)
+                encoded = (clip, features, masks)
+            # stored in a worker thread while the next batch is encoded (pwrite and crc32 release the GIL)
+            writer.submit(store, kept, empty, encoded)
+            bar.update(len(indices))
+            if stop_after and batch_number >= stop_after:
+                writer.wait()  # the test hook: a kill at a known point, after N batches are recorded
+                os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get(STOP_SIGNAL_ENV, 'KILL')}"))
+    finally:
+        writer.close()
+        bar.close()
+
+
+class OneBehind:
+    """Calls run in one worker thread, in order, at most one at a time behind the caller: :meth:`submit` first
+    waits for the call before (so one batch's arrays at most wait in memory) and raises its error there;
+    :meth:`close` waits for the last one (also when the caller fails: what was handed over is finished)."""
+
+    def __init__(self, name: str) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: Future | None = None
+
+    def submit(self, function: Callable, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(function, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _read_batches(read_tile: TileReader, grid: TileGrid, todo: list[int], batch_size: int) -> Iterator[tuple]:

@@ -79,8 +79,8 @@ class TileFile:
         done = 0
         for start, count in _runs(tiles, self.shape[0]):
             try:  # the data first, then its checksums: a kill in between leaves a record that fails its check
-                os.pwrite(self._fd, values[done : done + count].tobytes(), start * self.tile_bytes)
-                os.pwrite(self._checksum_fd, sums[done : done + count].tobytes(), start * 8)
+                _pwrite_all(self._fd, values[done : done + count], start * self.tile_bytes)
+                _pwrite_all(self._checksum_fd, sums[done : done + count], start * 8)
             except OSError as error:
                 raise _write_error(self.path, error) from error
             done += count
@@ -137,6 +137,17 @@ class TileFile:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _pwrite_all(fd: int, values: np.ndarray, offset: int) -> None:
+    """Write a C-contiguous array's bytes at ``offset`` from its own memory (no ``tobytes`` copy), looping over
+    short writes (``pwrite`` may write less than asked, e.g. past 2 GiB on Linux)."""
+    view = memoryview(values).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(f"pwrite wrote nothing at offset {offset}")
+        view, offset = view[written:], offset + written
 
 
 def describe_tiles(tiles: Sequence[int], limit: int = 8) -> str:

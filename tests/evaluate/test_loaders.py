@@ -118,3 +118,22 @@ def test_label_of_its_image_size_loads(tmp_path):
     _save(tmp_path / "label_cvt/1.png", np.zeros((4, 6), np.uint8))
     image, label = load_sample(spec, list_samples(spec, tmp_path)[0])
     assert image.shape == (4, 6, 3) and label.shape == (4, 6)
+
+
+def test_tiff_reads_in_threads_leave_the_warning_filters_alone(tmp_path):
+    """The evaluation reads in threads; catch_warnings is process-wide, so unguarded it races: a thread restores
+    another's filters, and the silenced NotGeoreferencedWarning either leaks (an error here) or stays silenced."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rasterio
+
+    path = tmp_path / "plain.tif"
+    _save(path, np.zeros((3, 4, 3), np.uint8), "TIFF")  # no georeference: rasterio warns at every open
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rasterio.errors.NotGeoreferencedWarning)
+        before = list(warnings.filters)
+        with ThreadPoolExecutor(8) as pool:
+            shapes = list(pool.map(lambda _: read_image(path).shape, range(400)))
+        assert warnings.filters == before
+    assert set(shapes) == {(3, 4, 3)}

@@ -7,6 +7,7 @@ line order; so do we. Labels are read at their stored resolution and decoded wit
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,13 +91,19 @@ def iter_pairs(spec: DatasetSpec, data_root: str | Path) -> Iterator[tuple[Path,
         yield sample.image_path, sample.label_path
 
 
+_WARNINGS_LOCK = threading.Lock()
+"""warnings.catch_warnings swaps process-wide state: two threads inside it at once can restore each other's
+filters (a warning then leaks, or stays silenced for good). The evaluation reads images in several threads."""
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     import rasterio
 
-    with warnings.catch_warnings():
+    with _WARNINGS_LOCK, warnings.catch_warnings():  # rasterio warns at open; the read runs unlocked
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(path) as src:
-            bands = src.read()  # (bands, H, W)
+        src = rasterio.open(path)
+    with src:
+        bands = src.read()  # (bands, H, W)
     return np.moveaxis(bands, 0, -1)  # -> (H, W, bands)
 
 

@@ -43,6 +43,13 @@ class TestEstimate:
         assert cpu.device_bytes == 0 and gpu.device_bytes > 0
         assert gpu.host_bytes < cpu.host_bytes <= gpu.host_bytes + gpu.device_bytes
 
+    def test_a_cuda_run_keeps_the_stitcher_band_on_the_gpu(self) -> None:
+        wide = replace(SHAPE, scene_width=400_000, on_cuda=True)  # the band: 7.9 GB, larger than any other part
+        gpu, cpu = estimate_run_memory(wide), estimate_run_memory(replace(wide, on_cuda=False))
+        band = gpu.parts["stitcher band"]
+        assert gpu.device_bytes >= band > gpu.host_bytes
+        assert cpu.host_bytes >= band and cpu.device_bytes == 0
+
     def test_peak_is_the_largest_phase_not_the_sum(self) -> None:
         estimate = estimate_run_memory(SHAPE)
         assert estimate.host_bytes < sum(estimate.parts.values())

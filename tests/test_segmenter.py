@@ -215,6 +215,27 @@ class TestStoreWrites:
         assert waited == [True] and embeddings.missing_tiles() == []
 
 
+class TestProbabilitiesOnlyWhenAsked:
+    @pytest.mark.parametrize(("outputs", "expected"), [({}, False), ({"vector": "v.gpkg", "preview": "p.png"}, False),
+                                                       ({"probabilities": "p.tif"}, True),
+                                                       ({"confidence": "c.tif"}, True)])
+    def test_the_stitch_brings_probabilities_for_the_outputs_that_read_them(
+            self, segmenter: Segmenter, tmp_path: Path, monkeypatch, outputs: dict, expected: bool) -> None:
+        from coninfer import segmenter as segmenter_module
+
+        asked = []
+
+        def spy(*args, **kwargs):
+            asked.append(kwargs.get("probabilities", True))
+            yield from stitch_scene(*args, **kwargs)
+
+        monkeypatch.setattr(segmenter_module, "stitch_scene", spy)
+        path = scenes.rgb(tmp_path / "in.tif", scenes.random_rgb(2 * TILE, TILE + 5, seed=1))
+        segmenter.segment_file(path, tmp_path / "out.tif", SceneOptions(tile_size=TILE), progress=False,
+                               workdir=tmp_path / "work", **{name: tmp_path / value for name, value in outputs.items()})
+        assert asked == [expected]
+
+
 class TestStitchValidity:
     """The stitch pass takes a maskless file's validity from the windows (no second read of the file), with the
     same blocks as when it reads every tile again."""
@@ -295,6 +316,22 @@ class TestBandStitch:
             for band, path in zip(bands, paths, strict=True):
                 spool_blocks(stitch_scene(models, SETTINGS, read_tile, grid, store, rows=band), path)
             assert self._flat(read_spooled(paths, len(models.classes.names))) == whole
+
+    @pytest.mark.parametrize("overlap", [0, 10])
+    def test_a_band_on_the_models_device_gives_the_same_blocks(self, models: Models, overlap: int) -> None:
+        """``band_device``: the band a CUDA run keeps on the GPU, forced onto the CPU here (torch, not numpy)."""
+        image = scenes.random_rgb(3 * TILE - 20, 2 * TILE + 7, seed=6)
+        valid = np.ones(image.shape[:2], bool)
+        valid[40:70, 5:50] = False
+        grid, store, read_tile = self._solved(models, image, valid, SceneOptions(tile_size=TILE, overlap=overlap))
+        whole = self._flat(stitch_scene(models, SETTINGS, read_tile, grid, store))
+        assert self._flat(stitch_scene(models, SETTINGS, read_tile, grid, store, band_device=torch.device("cpu"))
+                          ) == whole
+        for band_device in ("auto", torch.device("cpu")):
+            blocks = list(stitch_scene(models, SETTINGS, read_tile, grid, store, probabilities=False,
+                                       band_device=band_device))
+            assert [b.probs for b in blocks] == [None] * len(whole)
+            assert [(b.labels.tobytes(), b.valid.tobytes()) for b in blocks] == [(w[1], w[3]) for w in whole]
 
     def test_without_the_warm_up_row_the_band_edge_differs(self, models: Models) -> None:
         """The control: a band that skipped the row before would miss the overlap's other half."""

@@ -14,8 +14,8 @@ stitcher's band is made), each the sum of the arrays that phase holds at once:
   inputs (float32 at tile size, then each encoder's input at its resolution); one transformer layer's
   activations (residual, q/k/v, MLP hidden, the attention matrix); the batch's embeddings and logits.
 - solve: one chunk of stored tiles (features and logits) and the solver's per-patch work arrays.
-- stitch: the band, (C + 1) x tile_size x scene width float32, and one tile's query and class probabilities
-  at tile size.
+- stitch: the band, (C + 1) x tile_size x scene width float32 (on the GPU in a CUDA run), and one tile's
+  query and class probabilities at tile size.
 - in memory (``segment_array`` only, for the whole run): the stores and the (C, H, W) output arrays.
 
 On CUDA the model-side arrays are counted against the GPU's free memory and the rest against the host's.
@@ -124,7 +124,8 @@ def _solve_phase(shape: RunShape) -> list[_Part]:
 def _stitch_phase(shape: RunShape) -> list[_Part]:
     area = shape.tile_size**2
     return [
-        _Part("stitcher band", (shape.num_classes + 1) * shape.tile_size * shape.scene_width * _F32, False),
+        # a CUDA run keeps the band on the GPU (pipeline.stitch_scene's band_device)
+        _Part("stitcher band", (shape.num_classes + 1) * shape.tile_size * shape.scene_width * _F32, True),
         _Part("tile probabilities", (shape.num_queries + shape.num_classes) * area * _F32, True),
         _Part("tile probabilities (host copy)", 2 * shape.num_classes * area * _F32, False),
     ]

@@ -44,7 +44,9 @@ class OutputKind:
     """One output: ``name`` (key in the report), ``option`` (CLI flag), accepted ``suffixes`` (None: any),
     ``help`` text, and at most one writer role: ``open_block_writer`` (a context manager receiving stitched
     blocks through ``write_block``), ``write_after`` (called once the class map is complete) or
-    ``write_report`` (called with the summary). ``derived``: the path as a function of the class map's."""
+    ``write_report`` (called with the summary). ``derived``: the path as a function of the class map's.
+    ``needs_probabilities``: its ``write_block`` reads the blocks' probabilities (no other output makes the
+    stitcher bring them to the host)."""
 
     name: str
     option: str
@@ -55,6 +57,12 @@ class OutputKind:
     write_after: Callable[[Path, RunContext], None] | None = None
     write_report: Callable[[Path, RunContext, dict], None] | None = None
     derived: Callable[[Path], Path] | None = None
+    needs_probabilities: bool = False
+
+
+def needs_probabilities(outputs: Iterable[str]) -> bool:
+    """Whether any of the output kinds named reads the stitched blocks' probabilities."""
+    return any(KINDS[name].needs_probabilities for name in outputs)
 
 
 def _open_class_map(path: Path, run: RunContext):
@@ -102,11 +110,11 @@ OUTPUTS: tuple[OutputKind, ...] = (
                write_block=lambda writer, block: writer.write(block.window, block.labels)),
     OutputKind("probabilities", "--probabilities", (".tif", ".tiff"),
                "Also write per-class probabilities (uint8 0-255, one band per class).",
-               open_block_writer=_open_probabilities,
+               open_block_writer=_open_probabilities, needs_probabilities=True,
                write_block=lambda writer, block: writer.write(block.window, block.probs, block.valid)),
     OutputKind("confidence", "--confidence", (".tif", ".tiff"),
                "Also write the per-pixel top-class probability (uint8 0-255 COG) for quality control.",
-               open_block_writer=_open_confidence,
+               open_block_writer=_open_confidence, needs_probabilities=True,
                write_block=lambda writer, block: writer.write(block.window, block.probs, block.valid)),
     OutputKind("class_map_aux", "--output", None, "GDAL category names of the class map (<OUTPUT>.aux.xml).",
                write_after=_write_sidecar("aux"), derived=lambda out: style.class_map_sidecars(out)["aux"]),

@@ -374,14 +374,20 @@ def solve_context(store, tiles: Sequence[int], settings: InferenceSettings, chun
 
 
 def stitch_scene(models: Models, settings: InferenceSettings, read_tile: TileReader, grid: TileGrid, store, *,
-                 rows: range | None = None, progress: bool = False) -> Iterator[StitchedBlock]:
+                 rows: range | None = None, progress: bool = False, probabilities: bool = True,
+                 band_device: torch.device | None | str = "auto") -> Iterator[StitchedBlock]:
     """Pass 4: final blocks (window, labels, probs, valid) band by band, in row order. Each tile's validity is
     read again (one tile ahead, in a worker thread, while this one's probabilities are computed), or taken from
     the reader's ``validity`` where it has one (a file without masks: no read at all).
 
     ``rows`` (default: all): only the blocks that these tile rows finish, a rank's share of a multi-process
     stitch. The tiles of the row before are added first and their blocks dropped, so every pixel sums the same
-    tiles in the same order as in a whole-scene pass: the blocks are bit for bit the same."""
+    tiles in the same order as in a whole-scene pass: the blocks are bit for bit the same.
+
+    ``probabilities`` False: the blocks carry ``probs=None`` (no output needs them). ``band_device``: where the
+    stitcher's band lives; ``"auto"``: on the models' device when that is not the CPU (the tiles' probabilities
+    then never leave it, only uint8 labels and validity come back, and the probabilities when asked), a numpy
+    band on the CPU (faster there than torch's)."""
     from tqdm import tqdm
 
     rows = range(grid.n_rows) if rows is None else rows
@@ -391,18 +397,28 @@ def stitch_scene(models: Models, settings: InferenceSettings, read_tile: TileRea
     tiles = range(first_row * grid.n_cols, rows.stop * grid.n_cols)
     side = models.grid_size(settings.model_res)
     empty = set(store.empty_tiles())
-    stitcher = BandStitcher(grid, len(models.classes.names), first_row=first_row)
+    if band_device == "auto":
+        band_device = None if models.device.type == "cpu" else models.device
+    stitcher = BandStitcher(grid, len(models.classes.names), first_row=first_row, device=band_device,
+                            probabilities=probabilities)
     post = settings.post
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress, desc="stitch", dynamic_ncols=True)
 
-    def tile_probabilities(index: int, valid: np.ndarray) -> np.ndarray:
-        """(C, T, T): written straight into the stitcher's band where it can take them (on the CPU)."""
+    on_device = band_device is not None and torch.device(band_device) == models.device
+    if not on_device and band_device is not None:
+        raise ValueError(f"band_device {band_device} is not the models' device {models.device}")
+
+    def tile_probabilities(index: int, valid: np.ndarray):
+        """(C, T, T), written straight into the stitcher's band where it can take them (host: a numpy array;
+        a band on the device: a tensor there)."""
         z = torch.from_numpy(store.z[index]).to(models.device)  # (P, K)
-        target = stitcher.direct_target(index, valid) if models.device.type == "cpu" else None
+        target = stitcher.direct_target(index, valid) if on_device or models.device.type == "cpu" else None
+        out = None if target is None else (target if on_device else torch.from_numpy(target))[None]
         probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
-                                    models.classes.query_to_class, post.logit_scale,
-                                    out=None if target is None else torch.from_numpy(target)[None])
-        return target if target is not None else probs[0].cpu().numpy()
+                                    models.classes.query_to_class, post.logit_scale, out=out)
+        if target is not None:
+            return target
+        return probs[0] if on_device else probs[0].cpu().numpy()
 
     reads = _validities(read_tile, (grid.window(index) for index in tiles if index not in empty))
     try:

@@ -23,7 +23,7 @@ import numpy as np
 from coninfer import _fs, distributed
 from coninfer.errors import InputError, OutputError
 from coninfer.memory import check_memory, run_shape
-from coninfer.outputs import check_outputs, write_outputs
+from coninfer.outputs import check_outputs, needs_probabilities, write_outputs
 from coninfer.pipeline import (
     ArrayScene,
     MemoryEmbeddings,
@@ -205,7 +205,8 @@ class Segmenter:
                     paths = [spool / f"rank{rank:05d}.bin" for rank in range(dist.world_size)]
                     blocks = read_spooled(paths, len(self.class_names))
                 else:
-                    blocks = stitch_scene(self.models, self.settings, read_tile, grid, store, progress=progress)
+                    blocks = stitch_scene(self.models, self.settings, read_tile, grid, store, progress=progress,
+                                          probabilities=needs_probabilities(targets))
 
                 def summarize(counts: np.ndarray, areas: np.ndarray) -> dict:
                     timings["total_s"] = time.perf_counter() - started
@@ -550,7 +551,8 @@ class Segmenter:
         store.resumed_from = resumed_from
         try:
             with gdal_env(scene.path), file_reader(scene) as read_tile:
-                blocks = stitch_scene(self.models, self.settings, read_tile, grid, store, progress=progress)
+                blocks = stitch_scene(self.models, self.settings, read_tile, grid, store, progress=progress,
+                                      probabilities=needs_probabilities(targets))
 
                 def summarize(counts: np.ndarray, areas: np.ndarray) -> dict:
                     timings["total_s"] = time.perf_counter() - started

@@ -341,6 +341,58 @@ class TestDirectTarget:
         assert stitcher.direct_target(3, ones) is None  # past the right edge (padding columns)
 
 
+class TestDeviceBand:
+    """A band held as a torch tensor (on the CPU here; on a GPU in a CUDA run) gives the numpy band's blocks bit
+    for bit: the same element-wise sums, products and divisions, the same label rule."""
+
+    CASES = [(75, 53, 32, 8, {0, 4}), (90, 100, 20, 6, {0, 7, 13}), (101, 40, 50, 0, {1}), (10, 7, 32, 8, set())]
+
+    @staticmethod
+    def _on_device(stitcher: BandStitcher, tiles: list, direct: bool = False, **thresholds) -> Blocks:
+        import torch
+
+        blocks = []
+        for index, (probs, valid) in enumerate(tiles):
+            tensor = None if probs is None else torch.from_numpy(probs)
+            target = stitcher.direct_target(index, valid) if direct and probs is not None else None
+            if target is not None:
+                target.copy_(tensor)
+                tensor = target
+            blocks.extend(stitcher.add(index, tensor, valid, **thresholds))
+        assert stitcher.done
+        return blocks
+
+    @pytest.mark.parametrize(("width", "height", "tile", "overlap", "empty"), CASES)
+    def test_same_blocks_as_the_numpy_band(self, width, height, tile, overlap, empty) -> None:
+        import torch
+
+        grid = TileGrid(width, height, tile, overlap)
+        tiles = _random_tiles(grid, 3, empty)
+        if not overlap:  # some tiles all valid: the direct writes
+            tiles = [(p, None if p is None or i % 2 else v) for i, (p, v) in enumerate(tiles)]
+        expected = TestDirectTarget._flat(_run(BandStitcher(grid, 3), tiles, prob_thd=0.4, bg_index=1))
+        cpu = torch.device("cpu")
+        for direct in (False, True):
+            blocks = self._on_device(BandStitcher(grid, 3, device=cpu), tiles, direct, prob_thd=0.4, bg_index=1)
+            assert all(isinstance(b.probs, np.ndarray) and b.labels.dtype == np.uint8 for b in blocks)
+            assert TestDirectTarget._flat(blocks) == expected, direct
+
+    def test_without_probabilities_the_blocks_carry_none(self) -> None:
+        import torch
+
+        grid = TileGrid(75, 53, 32, 8)
+        tiles = _random_tiles(grid, 3, {2})
+        expected = _run(BandStitcher(grid, 3), tiles)
+        for stitcher in (BandStitcher(grid, 3, probabilities=False),
+                         BandStitcher(grid, 3, device=torch.device("cpu"), probabilities=False)):
+            blocks = (self._on_device(stitcher, tiles) if stitcher.device is not None
+                      else _run(stitcher, tiles))
+            assert [b.probs for b in blocks] == [None] * len(expected)
+            for block, reference in zip(blocks, expected, strict=True):
+                np.testing.assert_array_equal(block.labels, reference.labels)
+                np.testing.assert_array_equal(block.valid, reference.valid)
+
+
 class TestFinalizeBlock:
     def test_unit_weights_keep_the_sums_and_copy_them(self) -> None:
         """Weights all 1 (no overlap, no nodata): p / 1 == p, so the division is skipped; the block owns its

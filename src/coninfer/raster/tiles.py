@@ -27,7 +27,7 @@ from typing import TypeVar
 import numpy as np
 from rasterio.windows import Window
 
-from coninfer.postprocess import labels_from_probabilities_np
+from coninfer.postprocess import labels_from_probabilities, labels_from_probabilities_np
 
 NODATA_LABEL = 255
 """Label of invalid pixels in class maps; class indexes therefore run 0..254."""
@@ -136,11 +136,11 @@ def blend_weights(tile_size: int, overlap: int) -> np.ndarray:
 @dataclass(frozen=True)
 class StitchedBlock:
     """Final result of one block: ``labels`` (h, w) uint8 (255 = invalid), ``probs`` (C, h, w) float32
-    (0 where invalid), ``valid`` (h, w) bool."""
+    (0 where invalid; None from a stitcher told that no output needs them), ``valid`` (h, w) bool."""
 
     window: Window
     labels: np.ndarray
-    probs: np.ndarray
+    probs: np.ndarray | None
     valid: np.ndarray
 
 
@@ -163,18 +163,33 @@ class BandStitcher:
         assert stitcher.done
     """
 
-    def __init__(self, grid: TileGrid, num_classes: int, *, first_row: int = 0) -> None:
+    def __init__(self, grid: TileGrid, num_classes: int, *, first_row: int = 0, device=None,
+                 probabilities: bool = True) -> None:
         """``first_row``: the tile row the first :meth:`add` belongs to (a share of the scene, see
         :meth:`TileGrid.warm_up_row`); its rows start from an empty band, as rows whose earlier tiles cannot reach
-        them do in a whole-scene pass."""
+        them do in a whole-scene pass.
+
+        ``device`` (a torch device): the band lives there and tiles' probabilities are (C, T, T) float32 tensors
+        on it; only the blocks' labels and validity come to the host (and their probabilities, unless
+        ``probabilities`` is False: then blocks carry ``probs=None``). The arithmetic is the numpy band's, element
+        by element (sums, products and divisions are correctly rounded on both), so the blocks are the same bit
+        for bit given the same tile probabilities. None: a numpy band (fastest on the CPU)."""
         if not 1 <= num_classes <= NODATA_LABEL:
             raise ValueError(f"num_classes must be in 1..{NODATA_LABEL}, got {num_classes}")
         if not 0 <= first_row <= grid.n_rows:
             raise ValueError(f"first_row must be in 0..{grid.n_rows}, got {first_row}")
         self.grid = grid
         self.num_classes = num_classes
+        self.device = device
+        self.probabilities = probabilities
         self._weights = blend_weights(grid.tile_size, grid.overlap)
-        self._band = np.zeros(self.band_shape, np.float32)
+        if device is None:
+            self._band = np.zeros(self.band_shape, np.float32)
+        else:
+            import torch
+
+            self._weights = torch.from_numpy(self._weights).to(device)
+            self._band = torch.zeros(self.band_shape, dtype=torch.float32, device=device)
         self._next_index = first_row * grid.n_cols
         self._direct: np.ndarray | None = None  # the cells handed out by direct_target(), until add() takes them
         # tile row whose blocks add() returned but were not all consumed yet; the band moves on only after
@@ -202,7 +217,7 @@ class BandStitcher:
             return None
         if valid is not None and not np.asarray(valid).all():
             return None
-        self._direct = self._band[:-1, :, col : col + size]
+        self._direct = self._band[:-1, :, col : col + size]  # a tensor on the device band
         return self._direct
 
     def add(
@@ -259,11 +274,11 @@ class BandStitcher:
         self._pending_row = index // self.grid.n_cols
         return self._emit(self._pending_row, prob_thd, bg_index)
 
-    def _accumulate(self, index: int, probs: np.ndarray, valid: np.ndarray | None) -> None:
+    def _accumulate(self, index: int, probs, valid: np.ndarray | None) -> None:
         size = self.grid.tile_size
-        probs = np.asarray(probs)
-        if probs.shape != (self.num_classes, size, size):
-            raise ValueError(f"probs must have shape {(self.num_classes, size, size)}, got {probs.shape}")
+        probs = np.asarray(probs) if self.device is None else probs
+        if tuple(probs.shape) != (self.num_classes, size, size):
+            raise ValueError(f"probs must have shape {(self.num_classes, size, size)}, got {tuple(probs.shape)}")
         weights = self._weights
         if valid is not None:
             valid = np.asarray(valid)
@@ -278,7 +293,8 @@ class BandStitcher:
             target[-1] += 1.0
             return
         if valid is not None:
-            weights = weights * valid.astype(bool)
+            mask = valid.astype(bool)
+            weights = weights * (mask if self.device is None else torch_from(mask, self.device))
         target[:-1] += probs[:, :, :width] * weights[:, :width]
         target[-1] += weights[:, :width]
 
@@ -287,18 +303,28 @@ class BandStitcher:
         top = tile_row * grid.stride
         # the last tile row reaches the bottom edge (rows past it are padding); others finish one stride
         rows = grid.height - top if tile_row == grid.n_rows - 1 else grid.stride
+        finalize = finalize_block if self.device is None else finalize_block_torch
         for col in range(0, grid.width, BLOCK_WIDTH):
             width = min(BLOCK_WIDTH, grid.width - col)
             block = self._band[:, :rows, col : col + width]
-            yield finalize_block(block, Window(col, top, width, rows), prob_thd, bg_index)
+            yield finalize(block, Window(col, top, width, rows), prob_thd, bg_index, self.probabilities)
         self._shift()
         self._pending_row = None
 
     def _shift(self) -> None:
         """Move the band up one stride: the overlap rows carry over, the rest starts empty."""
         carried = self.grid.tile_size - self.grid.stride
-        self._band[:, :carried] = self._band[:, self.grid.stride :]
+        rest = self._band[:, self.grid.stride :]
+        # torch refuses a copy between overlapping parts of one tensor; numpy buffers it
+        self._band[:, :carried] = rest if self.device is None else rest.clone()
         self._band[:, carried:] = 0.0
+
+
+def torch_from(array: np.ndarray, device):
+    """``array`` as a tensor on ``device``."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
 
 def read_ahead(read: Callable[[Window], T], windows: Iterable[Window], depth: int = 2) -> Iterator[T]:
@@ -321,21 +347,41 @@ def read_ahead(read: Callable[[Window], T], windows: Iterable[Window], depth: in
             yield result
 
 
-def finalize_block(accumulated: np.ndarray, window: Window, prob_thd: float, bg_index: int) -> StitchedBlock:
+def finalize_block(accumulated: np.ndarray, window: Window, prob_thd: float, bg_index: int,
+                   probabilities: bool = True) -> StitchedBlock:
     """Final labels and probabilities from an accumulator block (C + 1, h, w) of ``window``.
 
     ``probs = sum(w p) / sum(w)``; ``labels = argmax`` (first index on ties); pixels whose top probability is
     below ``prob_thd`` get ``bg_index``; pixels no tile covered with valid data get 255 and probability 0.
+    ``probabilities`` False: the block carries ``probs=None`` (and no copy of them is made).
     """
     weight_sum = accumulated[-1]
     valid = weight_sum > 0
     if (weight_sum == 1.0).all():  # no overlap and no nodata: p / 1 == p exactly, so the division is skipped
-        probs = accumulated[:-1].copy()
+        probs = accumulated[:-1].copy() if probabilities else accumulated[:-1]
     else:
         probs = accumulated[:-1] / (weight_sum if valid.all() else np.where(valid, weight_sum, 1.0))
     labels = labels_from_probabilities_np(probs, prob_thd, bg_index)
     labels[~valid] = NODATA_LABEL
-    return StitchedBlock(window=window, labels=labels, probs=probs.astype(np.float32, copy=False), valid=valid)
+    return StitchedBlock(window=window, labels=labels, valid=valid,
+                         probs=probs.astype(np.float32, copy=False) if probabilities else None)
+
+
+def finalize_block_torch(accumulated, window: Window, prob_thd: float, bg_index: int,
+                         probabilities: bool = True) -> StitchedBlock:
+    """:func:`finalize_block` of a (C + 1, h, w) float32 tensor on any device, with the same arithmetic and label
+    rule; labels and validity come to the host as uint8 and bool, the probabilities only if ``probabilities``.
+    The weight sums are divided by even where they are all 1 (p / 1 == p: the same values, and no host sync
+    for the check)."""
+    import torch
+
+    weight_sum = accumulated[-1]
+    valid = weight_sum > 0
+    probs = accumulated[:-1] / torch.where(valid, weight_sum, torch.ones_like(weight_sum))
+    labels = labels_from_probabilities(probs, prob_thd, bg_index).to(torch.uint8)
+    labels.masked_fill_(~valid, NODATA_LABEL)
+    return StitchedBlock(window=window, labels=labels.cpu().numpy(), valid=valid.cpu().numpy(),
+                         probs=probs.cpu().numpy() if probabilities else None)
 
 
 __all__ = [
@@ -346,5 +392,6 @@ __all__ = [
     "blend_weights",
     "block_windows",
     "finalize_block",
+    "finalize_block_torch",
     "read_ahead",
 ]

@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -369,7 +369,7 @@ def main() -> None:
                 runs = {mode: [] for mode in modes}
                 for _ in range(args.repeat):
                     for mode in modes:
-                        with patched(pipeline, "OneBehind", InlineWriter if mode else pipeline.OneBehind):
+                        with patched(pipeline, "OneBehind", InlineWriter) if mode else nullcontext():
                             runs[mode].append(scene_run(models, scene, folder, args.scene_batch))
                 if profiler:
                     profiler.disable()

@@ -193,7 +193,7 @@ def throughput(device, batch: int, compiled: bool = True) -> None:
     from coninfer.encoders.dinov3 import SAT493M, DenseVFM
     from coninfer.prompts import ClassList
     from coninfer.settings import InferenceSettings
-    from coninfer.tile_step import Models, infer_tiles
+    from coninfer.tile_step import Models, infer_labels, infer_tiles
 
     clip_config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                    num_attention_heads=12, patch_size=16, image_size=224, projection_dim=512,
@@ -209,15 +209,16 @@ def throughput(device, batch: int, compiled: bool = True) -> None:
                                                                                                       dtype)
         queries = torch.nn.functional.normalize(torch.randn(len(classes.queries), 512), dim=-1)
         models = Models(clip, vfm, classes, queries, torch.device(device), dtype)
-        for method in ("baseline", "coninfer"):
+        # infer_tiles brings labels and probabilities to the host; infer_labels (the eval's) keeps labels there
+        for method, step in (("baseline", infer_tiles), ("coninfer", infer_tiles), ("coninfer", infer_labels)):
             settings = InferenceSettings().with_values(method=method)
-            infer_tiles(models, images[:4], settings)
+            step(models, images[:4], settings)
             _sync(device)
             start = time.perf_counter()
-            infer_tiles(models, images, settings)
+            step(models, images, settings)
             _sync(device)
             seconds = time.perf_counter() - start
-            print(f"tile step {method:<8} {precision}: {batch} tiles 512² -> {seconds:.2f} s, "
+            print(f"tile step {method:<8} {step.__name__:<12} {precision}: {batch} tiles 512² -> {seconds:.2f} s, "
                   f"{batch / seconds:.1f} tiles/s, peak {_peak_gib(device):.1f} GiB")
         if compiled:
             try:

@@ -43,7 +43,7 @@ from coninfer.settings import InferenceSettings, SceneOptions
 from coninfer.solver import refine
 from coninfer.store import EmbeddingStore, TileStore, locked_folder
 from coninfer.tile_file import StoreCorruptError
-from coninfer.tile_step import Models, encode_tiles, load_models
+from coninfer.tile_step import Models, embed_tiles, encode_tiles, load_models
 
 TILE = 32
 SETTINGS = InferenceSettings().with_values(model_res=32)  # 2 x 2 patches per tile
@@ -183,6 +183,17 @@ class TestSeams:
 
 
 class TestStoreWrites:
+    def test_features_come_as_the_stores_float16_bits(self, models: Models) -> None:
+        """Cast where they are (torch), the features carry the bits numpy's cast of the float32 ones gives."""
+        from coninfer.pipeline import encode_adaptive
+
+        tiles = _tiles_of(scenes.random_rgb(TILE, 3 * TILE, seed=4), TILE)
+        clip, features, _ = encode_adaptive(models, SETTINGS, tiles, 2)
+        _, reference = embed_tiles(models, tiles, SETTINGS)
+        assert features.dtype == np.float16 and clip.dtype == np.float32
+        expected = reference.float().numpy().astype(np.float16)
+        np.testing.assert_array_equal(features.view(np.uint16), expected.view(np.uint16))
+
     def test_a_batch_is_stored_while_the_next_is_encoded(self, models: Models, monkeypatch) -> None:
         """Storing batch 1 waits until batch 2 is being encoded: only a store in another thread lets the pass end.
         (The wait's timeout only bounds a failing run.)"""

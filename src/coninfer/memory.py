@@ -110,7 +110,8 @@ def _encode_phase(shape: RunShape) -> list[_Part]:
         _Part("model inputs", inputs, True),
         _Part("encoder activations", layer, True),
         _Part("embeddings", batch * patches * out_dim * dtype, True),
-        _Part("embeddings (host copy)", 2 * batch * patches * out_dim * _F32, False),
+        # this batch's (twice while converted) and the one the store writer still holds (pipeline.OneBehind)
+        _Part("embeddings (host copy)", 4 * batch * patches * out_dim * _F32, False),
         _Part("logits", batch * patches * shape.num_queries * _F32, True),
     ]
 

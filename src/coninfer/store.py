@@ -275,7 +275,7 @@ class EmbeddingStore(_Records):
                 raise ValueError(f"{name} have {dim} channels, the store holds {getattr(self, name).shape[-1]}")
         if clip is not None:
             self.clip[indices] = clip
-        self.features[indices] = features.astype(np.float16)
+        self.features[indices] = features.astype(np.float16, copy=False)
         self.valid[indices] = valid
 
     def verify(self, tiles: Iterable[int] | None = None) -> list[int]:

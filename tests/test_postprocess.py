@@ -116,6 +116,50 @@ class TestClassProbabilities:
             class_probabilities(torch.rand(2, 4, 4), (8, 8), [0, 1], logit_scale=logit_scale)
 
 
+class TestWorkspace:
+    def test_same_values_and_no_aliasing_across_sizes_and_layouts(self) -> None:
+        from coninfer.postprocess import Workspace
+
+        workspace = Workspace()
+        generator = torch.Generator().manual_seed(0)
+        z = torch.randn(3 * 7 * 7, 5, generator=generator)
+        grids = [patches_to_grid(z, 7, 7), patches_to_grid(z, 7, 7).contiguous(), patches_to_grid(z, 7, 7)[1]]
+        results = []
+        for grid in grids:
+            for size in ((20, 30), (9, 9), (20, 30)):
+                results.append((grid, size, class_probabilities(grid, size, [0, 0, 1, 2, 2], workspace=workspace)))
+        for grid, size, result in results:  # later calls left earlier results alone
+            torch.testing.assert_close(result, class_probabilities(grid, size, [0, 0, 1, 2, 2]), rtol=0, atol=0)
+
+    @pytest.mark.parametrize(("queries", "side", "size"), [(10, 28, (448, 448)), (1, 5, (16, 16)), (3, 1, (5, 7))])
+    def test_bit_for_bit_the_plain_torch_composition(self, queries: int, side: int, size: tuple[int, int]) -> None:
+        """The buffers and out= kernels give F.interpolate -> * scale -> torch.softmax -> max over synonyms exactly
+        (fp32 outputs of the scene path and the tile step must not move by a bit)."""
+        import torch.nn.functional as F
+
+        z = torch.randn(2 * side * side, queries, generator=torch.Generator().manual_seed(queries)) * 3
+        mapping = [min(q, 2) for q in range(queries)]
+        for grid in (patches_to_grid(z, side, side), patches_to_grid(z, side, side).contiguous()):
+            expected = []
+            for image in grid:
+                up = F.interpolate(image.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
+                probs = torch.softmax(up * 5.0, dim=0)
+                expected.append(torch.stack([probs[[q for q in range(queries) if mapping[q] == c]].amax(0)
+                                             for c in range(max(mapping) + 1)]))
+            torch.testing.assert_close(class_probabilities(grid, size, mapping), torch.stack(expected), rtol=0, atol=0)
+
+    def test_buffers_are_reused_for_one_size(self) -> None:
+        from coninfer.postprocess import Workspace
+
+        workspace = Workspace()
+        grid = patches_to_grid(torch.rand(2 * 16, 3), 4, 4)
+        class_probabilities(grid, (12, 12), [0, 1, 2], workspace=workspace)
+        first = {name: buffer.data_ptr() for name, buffer in workspace._buffers.items()}
+        class_probabilities(grid, (12, 12), [0, 1, 2], workspace=workspace)
+        assert {name: buffer.data_ptr() for name, buffer in workspace._buffers.items()} == first
+        assert set(first) == {"upsampled", "scaled", "probs"}
+
+
 class TestOutTensor:
     def test_writes_into_and_returns_out(self) -> None:
         grid = torch.rand(2, 4, 5, 5)

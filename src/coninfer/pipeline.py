@@ -40,7 +40,7 @@ import torch
 from coninfer import _fs, distributed
 from coninfer.distributed import Dist
 from coninfer.errors import InputError, InputFileError, ResourceError
-from coninfer.postprocess import class_probabilities, patches_to_grid
+from coninfer.postprocess import Workspace, class_probabilities, patches_to_grid
 from coninfer.raster.tiles import BandStitcher, StitchedBlock, TileGrid, read_ahead
 from coninfer.settings import InferenceSettings, SceneOptions
 from coninfer.solver import Gather, Reduce, assign, fit_context, prior_probabilities
@@ -408,6 +408,7 @@ def stitch_scene(models: Models, settings: InferenceSettings, read_tile: TileRea
     post = settings.post
     bar = tqdm(total=len(tiles), unit="tile", disable=not progress, desc="stitch", dynamic_ncols=True)
 
+    workspace = Workspace()  # every tile has the same size: its buffers serve them all
     on_device = band_device is not None and torch.device(band_device) == models.device
     if not on_device and band_device is not None:
         raise ValueError(f"band_device {band_device} is not the models' device {models.device}")
@@ -419,7 +420,7 @@ def stitch_scene(models: Models, settings: InferenceSettings, read_tile: TileRea
         target = stitcher.direct_target(index, valid) if on_device or models.device.type == "cpu" else None
         out = None if target is None else (target if on_device else torch.from_numpy(target))[None]
         probs = class_probabilities(patches_to_grid(z, side, side), (grid.tile_size, grid.tile_size),
-                                    models.classes.query_to_class, post.logit_scale, out=out)
+                                    models.classes.query_to_class, post.logit_scale, out=out, workspace=workspace)
         if target is not None:
             return target
         return probs[0] if on_device else probs[0].cpu().numpy()

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from coninfer.errors import InputError
 
@@ -73,6 +72,26 @@ def _class_index(query_to_class: Sequence[int] | torch.Tensor, num_queries: int)
     return members
 
 
+class Workspace:
+    """The (K, H, W) buffers :func:`class_probabilities` works in, kept from one call to the next by a caller that
+    loops over tiles of one size (the stitch pass, the eval's batch): three fresh 8 MB tensors per 448² tile cost
+    more in first-touch page faults than the arithmetic on this project's VMs. Not for use by two threads."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...], device: torch.device, channels_last: bool = False
+               ) -> torch.Tensor:
+        """A float32 tensor of ``shape`` on ``device`` (contents undefined), the same one while these hold."""
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        tensor = self._buffers.get(name)
+        if tensor is None or tuple(tensor.shape) != shape or tensor.device != device \
+                or not tensor.is_contiguous(memory_format=layout):
+            tensor = self._buffers[name] = torch.empty(shape, dtype=torch.float32, device=device,
+                                                       memory_format=layout)
+        return tensor
+
+
 def class_probabilities(
     z_grid: torch.Tensor,
     out_size: tuple[int, int],
@@ -80,11 +99,13 @@ def class_probabilities(
     logit_scale: float = 5.0,
     *,
     out: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Class probabilities (B, C, H, W) float32 from z grids (B, K, h, w); (K, h, w) gives (C, H, W).
 
     Images are processed one at a time so the (K, H, W) query probabilities exist for one image only. ``out``:
     a float32 tensor of the result's shape on z's device (any strides) to write them into and return.
+    ``workspace``: buffers to reuse across calls (:class:`Workspace`); the values do not depend on it.
     """
     if z_grid.ndim not in (3, 4) or not z_grid.is_floating_point():
         raise InputError(f"z_grid must be a float (B, K, h, w) or (K, h, w) tensor, got {tuple(z_grid.shape)}")
@@ -104,14 +125,21 @@ def class_probabilities(
     else:
         output = out if z_grid.ndim == 4 else out.unsqueeze(0)
     batched = batched.to(torch.float32)
+    workspace = workspace or Workspace()
+    num_queries, device = batched.shape[1], z_grid.device
     for image in range(batched.shape[0]):
+        grid = batched[image : image + 1]
         # a slice keeps the grid's memory layout (channels-last for patches_to_grid's view, which torch then
         # upsamples with its channels-last kernel; (1, K, h, w) from unsqueeze(0) has strides torch does not
-        # recognise and took the slow generic path to the same values); the softmax runs on a (K, H, W)
-        # contiguous copy, as torch's own softmax of a strided input does
-        upsampled = F.interpolate(batched[image : image + 1], size=(height, width), mode="bilinear",
-                                  align_corners=False)
-        query_probs = torch.softmax(upsampled[0].mul_(logit_scale).contiguous(), dim=0)  # (K, H, W)
+        # recognise and took the slow generic path to the same values)
+        channels_last = grid.is_contiguous(memory_format=torch.channels_last) and not grid.is_contiguous()
+        upsampled = workspace.buffer("upsampled", (1, num_queries, height, width), device, channels_last)
+        torch.ops.aten.upsample_bilinear2d.out(grid, [height, width], False, None, None, out=upsampled)
+        # the scaling writes a (K, H, W) contiguous copy, the one torch's softmax of a strided input would make
+        planes = (num_queries, height, width)
+        scaled = torch.mul(upsampled[0], logit_scale, out=workspace.buffer("scaled", planes, device))
+        # torch.softmax's kernel (aten::_softmax), into a buffer
+        query_probs = torch.ops.aten._softmax.out(scaled, 0, False, out=workspace.buffer("probs", planes, device))
         for cls, queries in enumerate(members):
             # one query: a copy; several: a running maximum (the same values as amax, without gathering them)
             output[image, cls] = query_probs[queries[0]]

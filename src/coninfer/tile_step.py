@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from coninfer.errors import CompileError, InputError
-from coninfer.postprocess import class_probabilities, labels_from_probabilities, patches_to_grid
+from coninfer.postprocess import (
+    Workspace,
+    class_probabilities,
+    labels_from_probabilities,
+    patches_to_grid,
+)
 from coninfer.prompts import ClassList
 from coninfer.settings import InferenceSettings
 from coninfer.solver import prior_probabilities, refine
@@ -398,9 +403,10 @@ def _tile_outputs(models: Models, images, settings: InferenceSettings,
     grid = models.grid_size(settings.model_res)
     # upsampling to full tile size is the heaviest step after the encoders: keep it on the models' device
     z_grid = patches_to_grid(z.float(), grid, grid)  # (B*G*G, K) -> (B, K, G, G)
+    workspace = Workspace()  # reused while the tiles' output sizes repeat
     for index, tile in enumerate(tiles):
         size = tuple(output_sizes[index]) if output_sizes else tuple(tile.shape[1:])
         probs = class_probabilities(z_grid[index : index + 1], size, models.classes.query_to_class,
-                                    settings.post.logit_scale)[0]
+                                    settings.post.logit_scale, workspace=workspace)[0]
         labels = labels_from_probabilities(probs[None], settings.post.prob_thd, settings.post.bg_index)[0]
         yield labels.to(torch.uint8), probs

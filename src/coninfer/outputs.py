@@ -209,8 +209,10 @@ def _write_outputs(outputs: Mapping[str, Path], run_scene, class_names: list[str
             for block in blocks:
                 for kind, writer in open_writers:
                     kind.write_block(writer, block)
-                counts += write.count_classes(block.labels, len(class_names))
-                areas += write.class_areas(block.labels, block.window, run_scene.georef, len(class_names))
+                block_counts = write.count_classes(block.labels, len(class_names))
+                counts += block_counts
+                areas += write.class_areas(block.labels, block.window, run_scene.georef, len(class_names),
+                                           block_counts)
         timings["stitch_write_s"] = time.perf_counter() - tick
         for name in outputs:
             if KINDS[name].write_after is not None:

@@ -440,8 +440,9 @@ def test_sigterm_and_ctrl_c_exit_cleanly(tmp_path: Path, cache_dir: Path, name: 
     args = ["segment", str(source), "-o", str(tmp_path / "out.tif"), "--workdir", str(tmp_path / "work"),
             "--classes", scenes.CLASSES, *scenes.TINY, "--tile-size", "32", "--model-res", "32", "--batch-size", "2",
             "-q"]
+    # a shell's background job inherits SIGINT ignored, and Python then keeps it ignored: give the child the default
     process = subprocess.run([sys.executable, "-m", "coninfer", *args], env=env, capture_output=True, text=True,
-                             timeout=600)
+                             timeout=600, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.returncode == code, process.stderr[-2000:]
     assert len(process.stderr.strip().splitlines()) == 1
     assert {p.name for p in tmp_path.iterdir()} == {"scene.tif", "work"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import json
+import math
 import os
 from pathlib import Path
 
@@ -309,6 +310,31 @@ class TestPreview:
 
 
 class TestReport:
+    def test_counts_of_strided_blocks_and_other_dtypes(self) -> None:
+        rng = np.random.default_rng(0)
+        labels = rng.integers(0, 5, (60, 90)).astype(np.uint8)
+        labels[::7, ::3] = 255
+        block = labels[5:50:2, ::-3]  # non-contiguous, negative strides
+        expected = np.array([(block == c).sum() for c in range(4)])  # class 4 is past num_classes
+        for given in (block, block.astype(np.int32)):
+            counts = count_classes(given, 4)
+            assert counts.dtype == np.int64 and counts.tolist() == expected.tolist()
+
+    def test_areas_of_equal_pixels_are_counts_times_the_pixel_area(self) -> None:
+        """One product per class, not a sum of equal terms: exact where the weighted sum rounds."""
+        labels = np.zeros((1000, 1000), np.uint8)
+        labels[:, 600:] = 1
+        georef = Georef(1000, 1000, CRS.from_epsg(25832), Affine(0.3, 0.0, 346000.0, 0.0, -0.3, 5648000.0))
+        window = Window(0, 0, 1000, 1000)
+        areas = class_areas(labels, window, georef, 3)
+        pixel = georef.pixel_area
+        assert areas.tolist() == [600_000 * pixel, 400_000 * pixel, 0.0]
+        assert class_areas(labels, window, georef, 3, counts=np.array([1, 2, 3])).tolist() == \
+            [pixel, 2 * pixel, 3 * pixel]
+        assert areas[0] == math.fsum([pixel] * 600_000)  # the exactly rounded sum
+        weighted = np.bincount(labels.ravel(), weights=np.full(labels.size, pixel), minlength=3)
+        np.testing.assert_allclose(areas, weighted, rtol=1e-9)  # the sum of equal terms drifts (1.4e-11 here)
+
     def test_report_and_statistics(self, tmp_path: Path) -> None:
         counts = count_classes(np.array([[0, 1, 1, 255]], np.uint8), 3)
         assert counts.tolist() == [1, 2, 0]

@@ -289,14 +289,29 @@ def write_report(path: str | Path, report: Mapping) -> Path:
 def count_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Pixels per class (num_classes,) int64 of a labels block (h, w) uint8; 255 (invalid) is not counted.
     Sum the counts of all blocks for a scene."""
+    if labels.dtype == np.uint8:
+        # torch counts uint8 as it is; numpy's bincount first widens every label to int64 (2.3x slower here)
+        import torch
+
+        flat = torch.from_numpy(np.ascontiguousarray(labels)).reshape(-1)
+        return torch.bincount(flat, minlength=256)[:num_classes].numpy()
     return np.bincount(labels.ravel(), minlength=256)[:num_classes].astype(np.int64)
 
 
-def class_areas(labels: np.ndarray, window: Window, georef: Georef, num_classes: int) -> np.ndarray:
+def class_areas(labels: np.ndarray, window: Window, georef: Georef, num_classes: int,
+                counts: np.ndarray | None = None) -> np.ndarray:
     """Area per class (num_classes,) float64 in :attr:`Georef.area_unit` of a labels block (h, w) uint8 at
     ``window``; 255 (invalid) is not counted. Sum the areas of all blocks for a scene (needed for a geographic
-    CRS, whose pixels differ in area)."""
-    areas = np.broadcast_to(georef.pixel_areas(window), labels.shape)
+    CRS, whose pixels differ in area). ``counts``: the block's :func:`count_classes`, if the caller has them.
+
+    Where every pixel has the same area (any CRS but a geographic one) the area is the count times that area,
+    one correctly rounded product per class (a sum of equal terms before: the same where the pixel area is a
+    power of two, like 0.5 m pixels' 0.25 m², and within float64 rounding of it elsewhere)."""
+    areas = georef.pixel_areas(window)
+    if areas.size == 1:
+        counts = count_classes(labels, num_classes) if counts is None else counts
+        return counts * float(areas[0, 0])
+    areas = np.broadcast_to(areas, labels.shape)
     return np.bincount(labels.ravel(), weights=areas.ravel(), minlength=256)[:num_classes]
 
 

@@ -305,7 +305,7 @@ def class_areas(labels: np.ndarray, window: Window, georef: Georef, num_classes:
     CRS, whose pixels differ in area). ``counts``: the block's :func:`count_classes`, if the caller has them.
 
     Where every pixel has the same area (any CRS but a geographic one) the area is the count times that area,
-    one correctly rounded product per class (a sum of equal terms before: the same where the pixel area is a
+    one correctly rounded product per class and block (a sum of equal terms before: the same where the pixel area is a
     power of two, like 0.5 m pixels' 0.25 m², and within float64 rounding of it elsewhere)."""
     areas = georef.pixel_areas(window)
     if areas.size == 1:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from coninfer import postprocess as postprocess_module
 from coninfer.errors import InputError
 from coninfer.postprocess import (
     class_probabilities,
@@ -226,7 +227,11 @@ class TestLabelsTorch:
 
 class TestLabelsNumpy:
     @pytest.mark.parametrize("num_classes", [1, 2, 7, 300])
-    def test_same_rule_as_numpy_argmax(self, num_classes: int) -> None:
+    @pytest.mark.parametrize("strip_pixels", [None, 5 * 47, 1])  # whole; strips of 5 rows (the last of 3); rows
+    def test_same_rule_as_numpy_argmax(self, num_classes: int, strip_pixels: int | None,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+        if strip_pixels is not None:
+            monkeypatch.setattr(postprocess_module, "_STRIP_PIXELS", strip_pixels)
         generator = np.random.default_rng(num_classes)
         # few distinct values: many ties, which must go to the first class like np.argmax
         probabilities = generator.integers(0, 4, (num_classes, 33, 47)).astype(np.float32) / 4

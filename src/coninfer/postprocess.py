@@ -186,25 +186,39 @@ def labels_from_probabilities_np(probabilities: np.ndarray, prob_thd: float = 0.
     return labels
 
 
+_STRIP_PIXELS = 1 << 17
+"""Pixels per strip of :func:`_argmax_max_np` (64 rows of a 2048-wide block): its running best, mask and
+labels of a strip stay in the core's cache across the C passes; over whole blocks each pass went to memory
+(448 x 2048 block, 6 classes, 2-core EPYC: 9.6 -> 4.8 ms)."""
+
+
 def _argmax_max_np(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(argmax over axis 0 as uint8, max over axis 0), the argmax numpy's (first maximal index, NaN wins).
 
     numpy's argmax over the leading axis of a (C, H, W) array walks memory with a stride of H*W and is ~10x
-    slower than C element-wise passes, which this takes: a strictly greater class replaces the label, so ties
-    keep the first index. NaN (never greater, but propagated by np.maximum) falls back to numpy's rule."""
+    slower than C element-wise passes, which this takes, strip of rows by strip: a strictly greater class
+    replaces the label, so ties keep the first index. NaN (never greater, but propagated by np.maximum) falls
+    back to numpy's rule."""
     if len(probabilities) > 256:  # more classes than uint8 holds: numpy's wrapping cast, as before
         return probabilities.argmax(axis=0).astype(np.uint8), probabilities.max(axis=0)
-    best = probabilities[0].copy()
+    best = np.empty(probabilities.shape[1:], probabilities.dtype)
     labels = np.zeros(best.shape, np.uint8)
-    better = np.empty(best.shape, bool)
-    step = np.empty(best.shape, np.uint8)
-    for cls in range(1, len(probabilities)):
-        np.greater(probabilities[cls], best, out=better)
-        # labels < cls here, so cls - labels never wraps; adding it where better sets those labels to cls
-        np.subtract(np.uint8(cls), labels, out=step)
-        np.multiply(step, better, out=step)
-        labels += step
-        np.maximum(best, probabilities[cls], out=best)
+    rows = max(1, _STRIP_PIXELS // max(1, int(np.prod(best.shape[1:]))))
+    better = np.empty((rows, *best.shape[1:]), bool)
+    step = np.empty(better.shape, np.uint8)
+    for top in range(0, len(best), rows):
+        strip = slice(top, top + rows)
+        strip_best, strip_labels = best[strip], labels[strip]
+        strip_better, strip_step = better[: len(strip_best)], step[: len(strip_best)]
+        np.copyto(strip_best, probabilities[0, strip])
+        for cls in range(1, len(probabilities)):
+            candidate = probabilities[cls, strip]
+            np.greater(candidate, strip_best, out=strip_better)
+            # labels < cls here, so cls - labels never wraps; adding it where better sets those labels to cls
+            np.subtract(np.uint8(cls), strip_labels, out=strip_step)
+            np.multiply(strip_step, strip_better, out=strip_step)
+            strip_labels += strip_step
+            np.maximum(strip_best, candidate, out=strip_best)
     if np.isnan(best).any():
         return probabilities.argmax(axis=0).astype(np.uint8), best
     return labels, best

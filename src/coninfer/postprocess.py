@@ -189,7 +189,7 @@ def labels_from_probabilities_np(probabilities: np.ndarray, prob_thd: float = 0.
 _STRIP_PIXELS = 1 << 17
 """Pixels per strip of :func:`_argmax_max_np` (64 rows of a 2048-wide block): its running best, mask and
 labels of a strip stay in the core's cache across the C passes; over whole blocks each pass went to memory
-(448 x 2048 block, 6 classes, 2-core EPYC: 9.6 -> 4.8 ms)."""
+(448 x 2048 block, 6 classes, 2-core EPYC: 10.1 -> 5.6-6.5 ms, benchmarks/bench_blocks.py)."""
 
 
 def _argmax_max_np(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -204,24 +204,38 @@ class TestLabels:
 
 
 class TestLabelsTorch:
-    @pytest.mark.parametrize("shape", [(1, 6, 33, 47), (7, 20, 21), (2, 300, 9, 11), (1, 5, 3)])
-    def test_same_rule_as_torch_argmax(self, shape: tuple[int, ...]) -> None:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @pytest.mark.parametrize("shape", [(1, 6, 33, 47), (7, 20, 21), (2, 300, 9, 11), (1, 5, 3), (2, 3, 4, 9, 11)])
+    def test_same_rule_as_torch_argmax(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """The element-wise class loop gives torch.argmax's labels: ties to the first class, the first NaN wins."""
         generator = torch.Generator().manual_seed(len(shape) * 100 + shape[-3])
         # few distinct values: many ties
-        probabilities = torch.randint(0, 4, shape, generator=generator).float() / 4
+        probabilities = (torch.randint(0, 4, shape, generator=generator).float() / 4).to(dtype)
+        probabilities[..., -1, 0, 0] = 1.0  # the last class wins somewhere (299 with 300 classes: not a uint8)
         nan = torch.rand(shape, generator=generator) < 0.05
         for values in (probabilities, probabilities.masked_fill(nan, float("nan"))):
-            for prob_thd, bg_index in ((0.0, 0), (0.5, shape[-3] - 1)):
+            for prob_thd, bg_index in ((0.0, 0), (0.5, shape[-3] - 1), (0.5, 300)):
                 expected = values.argmax(dim=-3)
                 expected[values.amax(dim=-3) < prob_thd] = bg_index
                 labels = labels_from_probabilities(values, prob_thd, bg_index)
                 assert labels.dtype == torch.int64
                 torch.testing.assert_close(labels, expected, rtol=0, atol=0)
 
-    def test_a_later_nan_never_replaces_an_earlier_one(self) -> None:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_strided_views(self, dtype: torch.dtype) -> None:
+        """A transposed and a sliced view give the labels of their contiguous copies."""
+        generator = torch.Generator().manual_seed(3)
+        base = (torch.randint(0, 5, (3, 13, 4, 17), generator=generator).float() / 5).to(dtype)
+        for view in (base.permute(2, 0, 3, 1), base[:, :, 1:, ::2]):  # (4, 3, 17, 13); (3, 13, 3, 9)
+            assert not view.is_contiguous()
+            expected = view.argmax(dim=-3)
+            expected[view.amax(dim=-3) < 0.3] = 2
+            torch.testing.assert_close(labels_from_probabilities(view, 0.3, 2), expected, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_a_later_nan_never_replaces_an_earlier_one(self, dtype: torch.dtype) -> None:
         nan = float("nan")
-        probabilities = torch.tensor([[0.1, nan, 0.5, nan], [nan, 0.2, 0.5, nan], [0.3, 0.9, nan, 0.1]])
+        probabilities = torch.tensor([[0.1, nan, 0.5, nan], [nan, 0.2, 0.5, nan], [0.3, 0.9, nan, 0.1]], dtype=dtype)
         assert labels_from_probabilities(probabilities.view(3, 1, 4)).tolist() == [[1, 0, 2, 0]]
 
 
